@@ -1,0 +1,188 @@
+"""Correlation IDs (MDC): string IDs carried in the OpenTelemetry context.
+
+They live under one key of the OpenTelemetry ``Context``, as a read-only
+mapping, so they travel wherever the context travels (threads, tasks,
+propagation) and work with any runtime context OpenTelemetry is set up with.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import Token
+from types import MappingProxyType
+from typing import TYPE_CHECKING, cast
+
+# ``import ... as`` and attribute access at call time: this module is imported
+# while ``opentelemetry.context`` may still be initialising (entry point).
+from opentelemetry import context as _otel_context
+
+if TYPE_CHECKING:
+    from contextlib import _GeneratorContextManager
+
+    from opentelemetry.context.context import Context
+
+__all__ = [
+    "CORRELATION_KEY",
+    "MAX_IDS",
+    "MAX_NAME_LENGTH",
+    "MAX_VALUE_LENGTH",
+    "bind",
+    "bound",
+    "clear",
+    "correlation",
+    "unbind",
+    "validate",
+]
+
+CORRELATION_KEY = "threadctx.correlation"
+"""The OpenTelemetry context key under which correlation IDs are stored."""
+
+MAX_NAME_LENGTH = 64
+"""Longest correlation ID name accepted, in characters."""
+
+MAX_VALUE_LENGTH = 256
+"""Longest correlation ID value accepted, in characters."""
+
+MAX_IDS = 64
+"""Most correlation IDs one context may carry (the W3C baggage member limit)."""
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+def _show(value: str) -> str:
+    """A short, escaped rendering of untrusted text for an error message."""
+    shown = value[:40].encode("ascii", "backslashreplace").decode("ascii")
+    return repr(shown + ("..." if len(value) > 40 else ""))
+
+
+def validate(name: object, value: object) -> None:
+    """Raise if ``name=value`` may not be bound as a correlation ID.
+
+    Names are ASCII identifiers of at most :data:`MAX_NAME_LENGTH` characters
+    (so ``%(name)s`` works in a log format).  Values are strings of at most
+    :data:`MAX_VALUE_LENGTH` characters whose every character is printable
+    (``str.isprintable``): no control characters, line or paragraph
+    separators, ANSI escapes or invisible format characters, which could
+    forge or hide a log line.
+
+    Raises:
+        TypeError: the name or value is not a string.
+        ValueError: the name or value breaks one of the rules; the message
+            names the rule and shows the offending text escaped.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"correlation ID names must be str, not {type(name).__name__}")
+    if not isinstance(value, str):
+        raise TypeError(f"correlation ID {name!r} must be a str, not {type(value).__name__}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"correlation ID name {_show(name)} is longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"correlation ID name {_show(name)} is not an ASCII identifier")
+    if len(value) > MAX_VALUE_LENGTH:
+        raise ValueError(
+            f"correlation ID {name!r} is {len(value)} characters long; the limit is {MAX_VALUE_LENGTH}"
+        )
+    if not value.isprintable():
+        raise ValueError(
+            f"correlation ID {name!r} holds a control or non-printable character "
+            f"(which could forge a log line): {_show(value)}"
+        )
+
+
+def correlation(context: Context | None = None) -> Mapping[str, str]:
+    """Return the correlation IDs of ``context`` (default: the current one).
+
+    The mapping is read-only; it is a snapshot that later binds do not change.
+    """
+    ids = _otel_context.get_value(CORRELATION_KEY, context)
+    return cast("Mapping[str, str]", ids) if ids is not None else _EMPTY
+
+
+def _with_ids(ids: Mapping[str, str], context: Context | None = None) -> Context:
+    return _otel_context.set_value(CORRELATION_KEY, MappingProxyType(dict(ids)) if ids else None, context)
+
+
+def merged(ids: Mapping[str, str], context: Context | None = None) -> Context:
+    """A copy of ``context`` with ``ids`` validated and added to its correlation IDs."""
+    for name, value in ids.items():
+        validate(name, value)
+    current = correlation(context)
+    new = {**current, **ids}
+    if len(new) > MAX_IDS:
+        raise ValueError(f"binding {len(ids)} correlation IDs would exceed the limit of {MAX_IDS}")
+    return _with_ids(new, context)
+
+
+def bind(**ids: str) -> Token[Context]:
+    """Bind correlation IDs in the current context, MDC-style.
+
+    The IDs stay bound in this thread (or asyncio task) until :func:`unbind`,
+    :func:`clear`, or ``opentelemetry.context.detach`` of the returned token,
+    which restores exactly what was bound before::
+
+        threadctx.bind(request_id="r-42", tenant="acme")
+
+    Nothing is bound if any name or value is invalid (see :func:`validate`).
+
+    Returns:
+        The token of the context attached, for ``opentelemetry.context.detach``.
+
+    Raises:
+        TypeError, ValueError: an ID is invalid; the message says which and why.
+    """
+    return _otel_context.attach(merged(ids))
+
+
+def unbind(*names: str) -> Token[Context]:
+    """Remove the named correlation IDs from the current context.
+
+    Names that are not bound are ignored.
+    """
+    current = correlation()
+    remaining = {name: value for name, value in current.items() if name not in names}
+    return _otel_context.attach(_with_ids(remaining))
+
+
+def clear() -> Token[Context]:
+    """Remove every correlation ID from the current context.
+
+    The current span, baggage and other context values are kept.
+    """
+    return _otel_context.attach(_with_ids(_EMPTY))
+
+
+def bound(**ids: str) -> _GeneratorContextManager[Mapping[str, str]]:
+    """Bind correlation IDs for a block or a function call, then restore.
+
+    As a context manager (it yields the correlation IDs now in force)::
+
+        with threadctx.bound(request_id="r-42"):
+            handle()
+
+    As a decorator, the IDs are bound afresh for each call, in whichever
+    thread makes it::
+
+        @threadctx.bound(job="nightly")
+        def run(): ...
+
+    On exit exactly the previous correlation IDs are restored, also when the
+    block raises.  The IDs are validated here, when ``bound`` is called.
+
+    Raises:
+        TypeError, ValueError: an ID is invalid (see :func:`validate`).
+    """
+    for name, value in ids.items():
+        validate(name, value)
+    return _scope(ids)
+
+
+@contextmanager
+def _scope(ids: Mapping[str, str]) -> Iterator[Mapping[str, str]]:
+    token = _otel_context.attach(merged(ids))
+    try:
+        yield correlation()
+    finally:
+        _otel_context.detach(token)
+

@@ -1,0 +1,233 @@
+"""Per-thread storage and the registry that other threads can read.
+
+Each thread gets one ``_ThreadState`` the first time it touches threadctx.
+The state is reached through a ``threading.local`` (never through the thread
+ident, which CPython reuses), so a new thread can never pick up a dead
+thread's state.  The registry maps a key unique to the state to a weak
+reference; when a thread ends, ``threading.local`` drops its state and the
+weak reference's callback removes the entry.
+
+The registry has no lock: inserting, popping and copying a dict are each
+atomic in CPython (under the GIL, and under the per-object lock of
+free-threaded builds).  There is therefore no lock that a thread could hold
+at the moment of a ``fork`` or of a signal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.context.context import Context
+
+__all__ = [
+    "ThreadSnapshot",
+    "current_state",
+    "delete_thread_storage",
+    "get_thread_storage",
+    "snapshot",
+]
+
+
+class _ThreadState:
+    """What threadctx keeps for one thread."""
+
+    __slots__ = ("__weakref__", "context", "generation", "ident", "key", "native_id", "storage")
+
+    def __init__(self) -> None:
+        self.ident: int = threading.get_ident()
+        self.native_id: int = threading.get_native_id()
+        #: The OpenTelemetry context this thread attached last (a mirror of the
+        #: ContextVar that is the source of truth; see ``_runtime``).
+        self.context: Context | None = None
+        self.storage: dict[str, Any] | None = None
+        self.key: int = id(self)
+        #: Orders states that share an ident (see ``_live_states``).
+        self.generation: int = next(_generations)
+
+
+_generations = itertools.count()
+
+#: key -> weak reference to the state of a live thread.
+_registry: dict[int, weakref.ref[_ThreadState]] = {}
+
+
+def _forget(ref: weakref.ref[_ThreadState], key: int) -> None:
+    # Pop only if the entry is still this reference: a key is unique among
+    # live states, and this runs when the state dies, so nothing else can
+    # have taken the key yet; the identity check costs nothing and keeps the
+    # invariant explicit.
+    if _registry.get(key) is ref:
+        _registry.pop(key, None)
+
+
+class _Local(threading.local):
+    """Runs ``__init__`` once in each thread, on that thread's first access."""
+
+    def __init__(self) -> None:
+        state = _ThreadState()
+        key = state.key
+        _registry[key] = weakref.ref(state, lambda ref: _forget(ref, key))
+        self.state = state
+
+
+_local = _Local()
+
+
+def current_state() -> _ThreadState:
+    """The calling thread's state, created on first use."""
+    return _local.state
+
+
+def get_thread_storage() -> dict[str, Any]:
+    """Return the calling thread's private dict, creating it on first use.
+
+    The dict belongs to the calling thread only: no other thread gets it, and
+    it is deleted when its thread ends (normal, daemon, ``_thread`` and
+    C-started threads alike).  A thread that reuses a dead thread's ident
+    starts with a new, empty dict.
+
+    Other threads can see which threads hold storage through :func:`snapshot`,
+    but never the dict itself.
+    """
+    state = _local.state
+    storage = state.storage
+    if storage is None:
+        storage = state.storage = {}
+    return storage
+
+
+def delete_thread_storage() -> None:
+    """Delete the calling thread's private dict now, before the thread ends.
+
+    The next :func:`get_thread_storage` call in this thread starts a new,
+    empty dict.  The thread's OpenTelemetry context is not touched.
+    """
+    _local.state.storage = None
+
+
+@dataclass(frozen=True)
+class ThreadSnapshot:
+    """What one live thread holds, as seen by :func:`snapshot`.
+
+    Attributes:
+        thread_id: The thread's ident (``threading.get_ident()``).
+        native_id: The operating system's thread id.
+        name: The ``threading.Thread`` name, or ``"<thread IDENT>"`` for a
+            thread that ``threading`` does not know (started from C or with
+            ``_thread``).
+        trace_id: The current span's trace id, 32 lowercase hex digits, or
+            ``None`` without a valid span.
+        span_id: The current span's id, 16 lowercase hex digits, or ``None``.
+        span_name: The span's name where the span has one (SDK spans).
+        correlation: The thread's correlation IDs, read-only.
+        has_storage: Whether the thread holds a :func:`get_thread_storage` dict.
+    """
+
+    thread_id: int
+    native_id: int
+    name: str
+    trace_id: str | None
+    span_id: str | None
+    span_name: str | None
+    correlation: Mapping[str, str]
+    has_storage: bool
+
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def _describe(state: _ThreadState, context: Context | None, name: str) -> ThreadSnapshot:
+    trace_id = span_id = span_name = None
+    correlation = _EMPTY
+    if context is not None:
+        # Imported here: this module is loaded while opentelemetry.context is
+        # still initialising (entry point), when opentelemetry.trace can't be.
+        from opentelemetry import trace
+
+        from threadctx._correlation import CORRELATION_KEY
+
+        span = trace.get_current_span(context)
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            trace_id = format(span_context.trace_id, "032x")
+            span_id = format(span_context.span_id, "016x")
+            span_name = getattr(span, "name", None)
+        ids = context.get(CORRELATION_KEY)
+        if ids:
+            correlation = ids  # already a read-only mapping
+    return ThreadSnapshot(
+        thread_id=state.ident,
+        native_id=state.native_id,
+        name=name,
+        trace_id=trace_id,
+        span_id=span_id,
+        span_name=span_name,
+        correlation=correlation,
+        has_storage=state.storage is not None,
+    )
+
+
+def _live_states() -> list[_ThreadState]:
+    """One state per live thread; the newest state wins for a reused ident."""
+    # Idents of the threads running now. A set, not the dict's keys view: that
+    # would keep the frames, this one included, in a reference cycle.
+    live = set(sys._current_frames())
+    newest: dict[int, _ThreadState] = {}
+    for ref in _registry.copy().values():  # copy(): atomic, so no lock needed
+        state = ref()
+        if state is None or state.ident not in live:
+            continue
+        seen = newest.get(state.ident)
+        # A state whose clean-up is still pending can share its ident with a
+        # newer thread: keep the one created last (the higher generation).
+        if seen is None or state.generation > seen.generation:
+            newest[state.ident] = state
+    return list(newest.values())
+
+
+def snapshot() -> list[ThreadSnapshot]:
+    """Describe every live thread that holds a context or storage.
+
+    Safe to call from any thread at any time, also while threads start and
+    stop; it takes no lock and never raises for a thread that ends meanwhile.
+    The calling thread is described from its current context; other threads
+    from the context they attached last (for a thread that runs an asyncio
+    loop, that is the context of whichever task attached last).
+    """
+    # Imported here for the same reason as in _describe.
+    from opentelemetry import context as otel_context
+
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    me = threading.get_ident()
+    result = []
+    for state in _live_states():
+        context = otel_context.get_current() if state.ident == me else state.context
+        if context is None and state.storage is None:
+            continue
+        name = names.get(state.ident, f"<thread {state.ident}>")
+        result.append(_describe(state, context, name))
+    result.sort(key=lambda entry: entry.thread_id)
+    return result
+
+
+def _after_fork_in_child() -> None:
+    """Keep only the forking thread's entry; the other threads are gone."""
+    state = _local.state
+    state.ident = threading.get_ident()
+    state.native_id = threading.get_native_id()
+    for key in list(_registry):
+        if key != state.key:
+            _registry.pop(key, None)
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=_after_fork_in_child)
