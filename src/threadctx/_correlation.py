@@ -51,6 +51,7 @@ MAX_IDS = 64
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
+
 def _show(value: str) -> str:
     """A short, escaped rendering of untrusted text for an error message."""
     shown = value[:40].encode("ascii", "backslashreplace").decode("ascii")
@@ -185,4 +186,3 @@ def _scope(ids: Mapping[str, str]) -> Iterator[Mapping[str, str]]:
         yield correlation()
     finally:
         _otel_context.detach(token)
-

@@ -24,7 +24,8 @@ from threadctx._storage import _local
 
 __all__ = ["ThreadRuntimeContext"]
 
-_CURRENT: ContextVar[Context] = ContextVar("threadctx_current_context", default=Context())
+# Context is a dict, but OpenTelemetry never mutates one after creating it.
+_CURRENT: ContextVar[Context] = ContextVar("threadctx_current_context", default=Context())  # noqa: B039
 
 
 class ThreadRuntimeContext(_RuntimeContext):

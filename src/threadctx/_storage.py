@@ -147,13 +147,13 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 def _describe(state: _ThreadState, context: Context | None, name: str) -> ThreadSnapshot:
     trace_id = span_id = span_name = None
-    correlation = _EMPTY
+    correlation: Mapping[str, str] = _EMPTY
     if context is not None:
         # Imported here: this module is loaded while opentelemetry.context is
         # still initialising (entry point), when opentelemetry.trace can't be.
         from opentelemetry import trace
 
-        from threadctx._correlation import CORRELATION_KEY
+        from threadctx._correlation import correlation as correlation_of
 
         span = trace.get_current_span(context)
         span_context = span.get_span_context()
@@ -161,9 +161,7 @@ def _describe(state: _ThreadState, context: Context | None, name: str) -> Thread
             trace_id = format(span_context.trace_id, "032x")
             span_id = format(span_context.span_id, "016x")
             span_name = getattr(span, "name", None)
-        ids = context.get(CORRELATION_KEY)
-        if ids:
-            correlation = ids  # already a read-only mapping
+        correlation = correlation_of(context)
     return ThreadSnapshot(
         thread_id=state.ident,
         native_id=state.native_id,

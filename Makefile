@@ -1,0 +1,36 @@
+# Every target builds its own virtualenv from nothing on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export OTEL_PYTHON_CONTEXT := threadctx
+
+.PHONY: demo test lint typecheck pytest conformance bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed  ## the main job: a worker pool whose threads log with their own ids
+	$(BIN)/python examples/demo.py
+
+test: lint typecheck pytest  ## everything CI checks, but the conformance suites
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests examples benchmarks conformance
+	$(BIN)/ruff format --check src tests examples benchmarks conformance
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed
+	$(BIN)/pytest
+
+conformance: $(VENV)/.installed  ## OpenTelemetry's own test suites, default backend vs threadctx
+	$(BIN)/python conformance/run.py --python $(PYTHON)
+
+bench: $(VENV)/.installed  ## writes docs/benchmarks.md
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache
