@@ -30,7 +30,7 @@ conformance: $(VENV)/.installed  ## OpenTelemetry's own test suites, default bac
 	$(BIN)/python conformance/run.py --python $(PYTHON)
 
 bench: $(VENV)/.installed  ## writes docs/benchmarks.md
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,9 @@ Select the runtime context with ``OTEL_PYTHON_CONTEXT=threadctx``.
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 # Only modules that do not import ``opentelemetry.trace`` at import time are
 # imported eagerly: this package is loaded through the
@@ -37,6 +39,35 @@ from threadctx._storage import (
     snapshot,
 )
 
+if TYPE_CHECKING:
+    from threadctx._filter import PRESETS, ContextFilter, FieldNames, instrument_logging, uninstrument_logging
+    from threadctx._integrations import loguru_patcher, structlog_processor
+
+# Names whose modules import opentelemetry.trace: loaded on first use.
+_LAZY = {
+    "PRESETS": "threadctx._filter",
+    "ContextFilter": "threadctx._filter",
+    "FieldNames": "threadctx._filter",
+    "instrument_logging": "threadctx._filter",
+    "uninstrument_logging": "threadctx._filter",
+    "loguru_patcher": "threadctx._integrations",
+    "structlog_processor": "threadctx._integrations",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'threadctx' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # once loaded, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 try:
     __version__ = version("threadctx")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
@@ -46,6 +77,9 @@ __all__ = [
     "MAX_IDS",
     "MAX_NAME_LENGTH",
     "MAX_VALUE_LENGTH",
+    "PRESETS",
+    "ContextFilter",
+    "FieldNames",
     "ThreadRuntimeContext",
     "ThreadSnapshot",
     "__version__",
@@ -55,6 +89,10 @@ __all__ = [
     "correlation",
     "delete_thread_storage",
     "get_thread_storage",
+    "instrument_logging",
+    "loguru_patcher",
     "snapshot",
+    "structlog_processor",
     "unbind",
+    "uninstrument_logging",
 ]

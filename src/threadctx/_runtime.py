@@ -51,9 +51,10 @@ class ThreadRuntimeContext(_RuntimeContext):
         _local.state.context = context
         return token
 
-    def get_current(self) -> Context:
-        """Return the current context of this thread or asyncio task."""
-        return _CURRENT.get()
+    #: Return the current context of this thread or asyncio task. It is the
+    #: ContextVar's own C method, called without a Python frame: a builtin is
+    #: not a descriptor, so no ``self`` is passed.
+    get_current = _CURRENT.get
 
     def detach(self, token: Token[Context]) -> None:
         """Restore the context that ``token`` saved.

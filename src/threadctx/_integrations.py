@@ -1,0 +1,45 @@
+"""Integrations with structlog and loguru: the same fields as ContextFilter, in their structures."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+from threadctx._filter import ContextFilter
+
+__all__ = ["loguru_patcher", "structlog_processor"]
+
+_DEFAULT = ContextFilter()
+
+
+def structlog_processor(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor that adds the trace context and correlation IDs to each event.
+
+    Fields use the ``otel`` preset's names (``trace_id``, ``span_id``,
+    ``trace_flags``, ``trace_sampled``, one key per correlation ID); keys the
+    event already has are kept::
+
+        structlog.configure(processors=[threadctx.structlog_processor, structlog.processors.JSONRenderer()])
+
+    For another preset, wrap a filter: ``ContextFilter("ecs").fields()`` returns the same fields.
+    """
+    for key, value in _DEFAULT._current().items():
+        if key not in event_dict:
+            event_dict[key] = value
+    return event_dict
+
+
+def loguru_patcher(record: MutableMapping[str, Any]) -> None:
+    """A loguru patcher that adds the trace context and correlation IDs to ``record["extra"]``.
+
+    Values already in ``extra`` (from ``logger.bind`` or ``contextualize``) are kept::
+
+        logger = logger.patch(threadctx.loguru_patcher)
+        logger.add(sys.stderr, format="{extra[trace_id]} {extra[request_id]} {message}")
+    """
+    extra = record["extra"]
+    for key, value in _DEFAULT._current().items():
+        if key not in extra:
+            extra[key] = value
