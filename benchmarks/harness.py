@@ -58,7 +58,12 @@ def compare(
 
 
 def table(title: str, results: list[Result], *, target: str = "") -> str:
-    lines = [f"### {title}", "", "| variant | ns per operation (median) | ratio to baseline |", "|---|---|---|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| variant | ns per operation (median) | ratio to baseline |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r.name} | {r.per_call_ns:,.0f} | {r.ratio:.2f}x |" for r in results]
     if target:
         lines += ["", target]

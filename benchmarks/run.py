@@ -9,14 +9,14 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import bench_context
+from benchmarks import bench_context, bench_logging
 from benchmarks.harness import table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 def main() -> None:
-    sections = [("Runtime context", bench_context.run_all())]
+    sections = [("Runtime context", bench_context.run_all()), ("Logging", bench_logging.run_all())]
     out = [
         "# Benchmarks",
         "",

@@ -33,7 +33,7 @@ SUITES = {
 # Written into the API's test tree at run time: the API's own conformance base
 # class, run against ThreadRuntimeContext exactly as the API runs it against
 # ContextVarsRuntimeContext in tests/context/test_contextvars_context.py.
-OUR_CASE = '''\
+OUR_CASE = """\
 from unittest.mock import patch
 
 from opentelemetry import context
@@ -51,7 +51,7 @@ class TestThreadctxRuntimeContext(ContextTestCases.BaseTest):
     def tearDown(self):
         super().tearDown()
         self.mock_runtime.stop()
-'''
+"""
 
 
 def run(*cmd: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -81,11 +81,21 @@ def prepare(python: str) -> tuple[Path, dict[str, Path]]:
         stem = f"{name.replace('-', '_')}-{version}"
         tree = WORK / "src" / stem
         if not tree.exists():
-            run(venv / "bin" / "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", downloads,
-                requirement)
+            run(
+                venv / "bin" / "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                downloads,
+                requirement,
+            )
             with tarfile.open(downloads / f"{stem}.tar.gz") as archive:
                 archive.extractall(WORK / "src", filter="data") if sys.version_info >= (3, 12) else (
-                    archive.extractall(WORK / "src"))
+                    archive.extractall(WORK / "src")
+                )
         sources[name] = tree
     (sources["opentelemetry-api"] / "tests" / "context" / "test_threadctx_context.py").write_text(OUR_CASE)
     return venv, sources
@@ -108,9 +118,21 @@ def run_suite(venv: Path, tree: Path, folders: list[str], backend: str) -> dict[
     report = WORK / "reports" / f"{tree.name}-{backend}.xml"
     report.parent.mkdir(parents=True, exist_ok=True)
     env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
-    cmd = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-           # The sdist's own pyproject.toml as the config, not this repository's one above it.
-           "-c", str(tree / "pyproject.toml"), "--rootdir", str(tree), *folders]
+    cmd = [
+        str(venv / "bin" / "python"),
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+        # The sdist's own pyproject.toml as the config, not this repository's one above it.
+        "-c",
+        str(tree / "pyproject.toml"),
+        "--rootdir",
+        str(tree),
+        *folders,
+    ]
     if backend == "threadctx":
         env["PYTHONPATH"] = str(ROOT / "conformance")
         cmd[3:3] = ["-p", "threadctx_conformance"]
@@ -140,8 +162,10 @@ def main() -> int:
         lines.append(
             f"| {name} | {len(default)} | {len(passed_default)} | {len(ours)} | {len(passed_ours)} | {len(lost)} |"
         )
-    print("\n| suite | tests (default) | passed (default) | tests (threadctx) | passed (threadctx) "
-          "| pass on default, fail on threadctx |")
+    print(
+        "\n| suite | tests (default) | passed (default) | tests (threadctx) | passed (threadctx) "
+        "| pass on default, fail on threadctx |"
+    )
     print("|---|---|---|---|---|---|")
     print("\n".join(lines))
     if regressions:
