@@ -107,9 +107,11 @@ def added_cost_line(results: list[Result]) -> str:
     filter_added = by["threadctx.ContextFilter"].per_call_ns - bare
     instrumentor_added = by["LoggingInstrumentor"].per_call_ns - bare
     return (
-        f"Added cost per record: ContextFilter {filter_added:,.0f} ns, LoggingInstrumentor {instrumentor_added:,.0f} ns; "
+        f"Added cost per record: ContextFilter {filter_added:,.0f} ns, "
+        f"LoggingInstrumentor {instrumentor_added:,.0f} ns; "
         f"ratio {filter_added / instrumentor_added:.2f}x (target: at most 0.40x). "
-        f"A record with the filter: {by['threadctx.ContextFilter'].ratio:.2f}x a bare record (target: at most 1.10x)."
+        f"A record with the filter: {by['threadctx.ContextFilter'].ratio:.2f}x a bare record "
+        "(target: at most 1.10x)."
     )
 
 

@@ -159,9 +159,8 @@ def main() -> int:
             raise SystemExit(f"{name}: no test passed on the default runtime context; the run proves nothing")
         lost = sorted(passed_default - passed_ours)
         regressions += [f"{name}: {test}" for test in lost]
-        lines.append(
-            f"| {name} | {len(default)} | {len(passed_default)} | {len(ours)} | {len(passed_ours)} | {len(lost)} |"
-        )
+        counts = (len(default), len(passed_default), len(ours), len(passed_ours), len(lost))
+        lines.append(f"| {name} | " + " | ".join(map(str, counts)) + " |")
     print(
         "\n| suite | tests (default) | passed (default) | tests (threadctx) | passed (threadctx) "
         "| pass on default, fail on threadctx |"

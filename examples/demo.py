@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("OTEL_PYTHON_CONTEXT", "threadctx")  # before OpenTelemetry is imported
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -28,10 +27,27 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import threadctx
 
-FORMAT = "%(threadName)-10s trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s tenant=%(tenant)s %(message)s"
+FORMAT = (
+    "%(threadName)-10s trace=%(trace_id)s span=%(span_id)s "
+    "request_id=%(request_id)s tenant=%(tenant)s %(message)s"
+)
 LINE = re.compile(
     r"trace=(?P<trace>[0-9a-f]{32}) span=(?P<span>[0-9a-f]{16}) request_id=(?P<req>\S+) .* req=(?P<own>\S+)$"
 )
+
+
+def misattributed(lines: list[str], expected: dict[str, tuple[str, str]]) -> int:
+    """Count the lines whose ids are not those of the request that wrote them."""
+    wrong = 0
+    for line in lines:
+        match = LINE.search(line)
+        if (
+            match is None
+            or match["req"] != match["own"]
+            or (match["trace"], match["span"]) != expected[match["own"]]
+        ):
+            wrong += 1
+    return wrong
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,17 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             future.result()
 
     lines = stream.getvalue().splitlines()
-    wrong = 0
-    threads = set()
-    for line in lines:
-        match = LINE.search(line)
-        threads.add(line.split(" ", 1)[0])
-        if (
-            match is None
-            or match["req"] != match["own"]
-            or (match["trace"], match["span"]) != expected[match["own"]]
-        ):
-            wrong += 1
+    wrong = misattributed(lines, expected)
+    threads = {line.split(" ", 1)[0] for line in lines}
 
     print(f"runtime context: {runtime}")
     print("sample of the log lines (one shared handler, many threads):")

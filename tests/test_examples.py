@@ -14,7 +14,12 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
     return subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(EXAMPLES / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
