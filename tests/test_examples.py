@@ -47,3 +47,20 @@ def test_quickstart_threads_log_their_own_request_ids() -> None:
             rf"worker-{index} trace_id=[0-9a-f]{{32}} request_id=req-{index} processing", line
         )
     assert lines[0].split()[1] != lines[1].split()[1]  # two traces
+
+
+def test_readme_quick_start_runs() -> None:
+    """The README's quick start block, as a user pastes it, then one call of its handler."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
+    result = subprocess.run(
+        [sys.executable, "-c", block + '\nhandle("req-readme")\n'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"MainThread trace_id=[0-9a-f]{32} request_id=req-readme processing\n", result.stderr)
