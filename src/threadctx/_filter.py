@@ -94,10 +94,10 @@ PRESETS: dict[str, FieldNames] = {
 }
 
 _FIELD_KEYS = ("trace_id", "span_id", "trace_flags", "trace_sampled", "service")
-_RESERVED = frozenset(vars(logging.LogRecord("n", logging.INFO, "p", 1, "m", None, None))) | {
-    "message",
-    "asctime",
-}
+_PLAIN_RECORD = vars(logging.LogRecord("n", logging.INFO, "p", 1, "m", None, None))
+#: How many attributes a record has before anything (extra=, a filter) adds one.
+_PLAIN_RECORD_SIZE = len(_PLAIN_RECORD)
+_RESERVED = frozenset(_PLAIN_RECORD) | {"message", "asctime"}
 _CACHE_SIZE = 512
 
 
@@ -189,14 +189,15 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Stamp ``record``; always return ``True``."""
         attributes = record.__dict__
+        if len(attributes) == _PLAIN_RECORD_SIZE:
+            # Nothing was added to this record (no extra=, no earlier stamp):
+            # nothing to preserve, so one update does it.
+            attributes.update(self._current())
+            return True
         if self._marker is not None and self._marker in attributes:
             return True  # stamped already, in the thread that produced it
-        fields = self._current()
-        if attributes.keys().isdisjoint(fields):
-            attributes.update(fields)
-        else:
-            for key, value in fields.items():
-                attributes.setdefault(key, value)
+        for key, value in self._current().items():
+            attributes.setdefault(key, value)  # extra= and earlier values win
         return True
 
     def fields(self, context: object | None = None) -> dict[str, Any]:
