@@ -42,6 +42,7 @@ from threadctx._storage import (
 if TYPE_CHECKING:
     from threadctx._filter import PRESETS, ContextFilter, FieldNames, instrument_logging, uninstrument_logging
     from threadctx._integrations import loguru_patcher, structlog_processor
+    from threadctx._threads import ContextThreadPoolExecutor, Thread, wrap
 
 # Names whose modules import opentelemetry.trace: loaded on first use.
 _LAZY = {
@@ -52,6 +53,9 @@ _LAZY = {
     "uninstrument_logging": "threadctx._filter",
     "loguru_patcher": "threadctx._integrations",
     "structlog_processor": "threadctx._integrations",
+    "ContextThreadPoolExecutor": "threadctx._threads",
+    "Thread": "threadctx._threads",
+    "wrap": "threadctx._threads",
 }
 
 
@@ -79,7 +83,9 @@ __all__ = [
     "MAX_VALUE_LENGTH",
     "PRESETS",
     "ContextFilter",
+    "ContextThreadPoolExecutor",
     "FieldNames",
+    "Thread",
     "ThreadRuntimeContext",
     "ThreadSnapshot",
     "__version__",
@@ -95,4 +101,5 @@ __all__ = [
     "structlog_processor",
     "unbind",
     "uninstrument_logging",
+    "wrap",
 ]
