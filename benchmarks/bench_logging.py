@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from opentelemetry.instrumentation.logging import LoggingInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -24,15 +25,10 @@ FORMAT = "%(asctime)s %(levelname)s [trace_id=%(tid)s span_id=%(sid)s request_id
 BASELINE = "bare logging"
 
 
-def _logger(name: str, fields: dict[str, str], filt: logging.Filter | None) -> logging.Logger:
-    fmt = FORMAT.replace("%(tid)s", "%(" + fields["tid"] + ")s").replace(
-        "%(sid)s", "%(" + fields["sid"] + ")s"
-    )
-    defaults = (
-        {"request_id": "r-0000001", fields["tid"]: "0" * 32, fields["sid"]: "0" * 16}
-        if filt is None
-        else None
-    )
+def _logger(
+    name: str, tid: str, sid: str, defaults: dict[str, str], filt: logging.Filter | None
+) -> logging.Logger:
+    fmt = FORMAT.replace("%(tid)s", f"%({tid})s").replace("%(sid)s", f"%({sid})s")
     handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
     handler.setFormatter(logging.Formatter(fmt, defaults=defaults))
     if filt is not None:
@@ -44,31 +40,43 @@ def _logger(name: str, fields: dict[str, str], filt: logging.Filter | None) -> l
     return logger
 
 
+REQUEST_ID = {"request_id": "r-0000001"}
 LOGGERS = {
-    "bare logging": _logger("bare", {"tid": "trace_id", "sid": "span_id"}, None),
-    "LoggingInstrumentor": _logger(
-        "instrumentor", {"tid": "otelTraceID", "sid": "otelSpanID"}, None
-    ),  # defaults only for request_id; the ids come from the record factory
-    "threadctx.ContextFilter": _logger(
-        "filter", {"tid": "trace_id", "sid": "span_id"}, threadctx.ContextFilter()
+    # The ids come from Formatter defaults, so the format work is the same as with the others.
+    "bare logging": _logger(
+        "bare", "trace_id", "span_id", {**REQUEST_ID, "trace_id": "0" * 32, "span_id": "0" * 16}, None
     ),
+    # The ids come from the instrumentor's record factory; request_id from the same default.
+    "LoggingInstrumentor": _logger("instrumentor", "otelTraceID", "otelSpanID", REQUEST_ID, None),
+    "threadctx.ContextFilter": _logger("filter", "trace_id", "span_id", {}, threadctx.ContextFilter()),
 }
+
+
+@contextmanager
+def _instrumented(name: str) -> Iterator[None]:
+    """LoggingInstrumentor's record factory, installed only while its own variant runs."""
+    if name != "LoggingInstrumentor":
+        yield
+        return
+    instrumentor = LoggingInstrumentor()
+    instrumentor.instrument(inject_trace_context=True, tracer_provider=PROVIDER)
+    try:
+        yield
+    finally:
+        instrumentor.uninstrument()
 
 
 def _single(name: str) -> Callable[[int], None]:
     logger = LOGGERS[name]
 
     def run(loops: int) -> None:
-        instrumentor = LoggingInstrumentor() if name == "LoggingInstrumentor" else None
-        if instrumentor is not None:
-            instrumentor.instrument(inject_trace_context=True, tracer_provider=PROVIDER)
-        try:
-            with TRACER.start_as_current_span("request"), threadctx.bound(request_id="r-0000001"):
-                for _ in range(loops):
-                    logger.info("handled")
-        finally:
-            if instrumentor is not None:
-                instrumentor.uninstrument()
+        with (
+            _instrumented(name),
+            TRACER.start_as_current_span("request"),
+            threadctx.bound(request_id="r-0000001"),
+        ):
+            for _ in range(loops):
+                logger.info("handled")
 
     return run
 
@@ -85,18 +93,12 @@ def _threaded(name: str, threads: int = 8) -> Callable[[int], None]:
                 for _ in range(per_thread):
                     logger.info("handled")
 
-        instrumentor = LoggingInstrumentor() if name == "LoggingInstrumentor" else None
-        if instrumentor is not None:
-            instrumentor.instrument(inject_trace_context=True, tracer_provider=PROVIDER)
-        try:
+        with _instrumented(name):
             workers = [threading.Thread(target=work) for _ in range(threads)]
             for worker in workers:
                 worker.start()
             for worker in workers:
                 worker.join()
-        finally:
-            if instrumentor is not None:
-                instrumentor.uninstrument()
 
     return run
 
@@ -116,13 +118,6 @@ def added_cost_line(results: list[Result]) -> str:
 
 
 def run_all() -> list[tuple[str, list[Result], str]]:
-    # The instrumentor's format needs request_id too: give it the same default as bare logging.
-    LOGGERS["LoggingInstrumentor"].handlers[0].setFormatter(
-        logging.Formatter(
-            FORMAT.replace("%(tid)s", "%(otelTraceID)s").replace("%(sid)s", "%(otelSpanID)s"),
-            defaults={"request_id": "r-0000001"},
-        )
-    )
     single = compare({name: _single(name) for name in LOGGERS}, baseline=BASELINE, loops=20_000, rounds=21)
     threaded = compare(
         {name: _threaded(name) for name in LOGGERS}, baseline=BASELINE, loops=40_000, rounds=11
