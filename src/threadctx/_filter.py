@@ -200,6 +200,10 @@ class ContextFilter(logging.Filter):
             attributes.setdefault(key, value)  # extra= and earlier values win
         return True
 
+    def _options(self) -> tuple[object, ...]:
+        """What decides the fields this filter writes (for instrument_logging's comparison)."""
+        return (self.preset, self.names, self.prefix, self.stamp_correlation, self.project_id)
+
     def fields(self, context: object | None = None) -> dict[str, Any]:
         """The attributes this filter would stamp for ``context`` (default: the current one).
 
@@ -328,13 +332,7 @@ def instrument_logging(preset: str = "otel", **options: Any) -> ContextFilter:
     wanted = ContextFilter(preset, **options)
     if _installed:
         current = _installed[0][1]
-        if (current.preset, current.names, current.prefix, current.stamp_correlation, current.project_id) != (
-            wanted.preset,
-            wanted.names,
-            wanted.prefix,
-            wanted.stamp_correlation,
-            wanted.project_id,
-        ):
+        if current._options() != wanted._options():
             raise ValueError("logging is instrumented with other options; call uninstrument_logging() first")
         wanted = current
     done = {id(handler) for handler, _ in _installed}

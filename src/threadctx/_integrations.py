@@ -12,6 +12,12 @@ __all__ = ["loguru_patcher", "structlog_processor"]
 _DEFAULT = ContextFilter()
 
 
+def _add_missing(target: MutableMapping[str, Any]) -> None:
+    """Add the current fields to ``target``, keeping the keys it already has."""
+    for key, value in _DEFAULT._current().items():
+        target.setdefault(key, value)
+
+
 def structlog_processor(
     logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -25,9 +31,7 @@ def structlog_processor(
 
     For another preset, wrap a filter: ``ContextFilter("ecs").fields()`` returns the same fields.
     """
-    for key, value in _DEFAULT._current().items():
-        if key not in event_dict:
-            event_dict[key] = value
+    _add_missing(event_dict)
     return event_dict
 
 
@@ -39,7 +43,4 @@ def loguru_patcher(record: MutableMapping[str, Any]) -> None:
         logger = logger.patch(threadctx.loguru_patcher)
         logger.add(sys.stderr, format="{extra[trace_id]} {extra[request_id]} {message}")
     """
-    extra = record["extra"]
-    for key, value in _DEFAULT._current().items():
-        if key not in extra:
-            extra[key] = value
+    _add_missing(record["extra"])
