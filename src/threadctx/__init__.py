@@ -42,7 +42,24 @@ from threadctx._storage import (
 if TYPE_CHECKING:
     from threadctx._filter import PRESETS, ContextFilter, FieldNames, instrument_logging, uninstrument_logging
     from threadctx._integrations import loguru_patcher, structlog_processor
-    from threadctx._threads import ContextThreadPoolExecutor, Thread, wrap
+    from threadctx._processes import ContextProcessPoolExecutor, wrap_process
+    from threadctx._propagation import (
+        BAGGAGE_MAX_BYTES,
+        BAGGAGE_MAX_MEMBERS,
+        attached,
+        extract,
+        inject,
+        propagate,
+        propagated,
+        propagation_stats,
+    )
+    from threadctx._threads import (
+        ContextThreadPoolExecutor,
+        Thread,
+        instrument_threading,
+        uninstrument_threading,
+        wrap,
+    )
 
 # Names whose modules import opentelemetry.trace: loaded on first use.
 _LAZY = {
@@ -53,8 +70,20 @@ _LAZY = {
     "uninstrument_logging": "threadctx._filter",
     "loguru_patcher": "threadctx._integrations",
     "structlog_processor": "threadctx._integrations",
+    "ContextProcessPoolExecutor": "threadctx._processes",
+    "wrap_process": "threadctx._processes",
+    "BAGGAGE_MAX_BYTES": "threadctx._propagation",
+    "BAGGAGE_MAX_MEMBERS": "threadctx._propagation",
+    "attached": "threadctx._propagation",
+    "extract": "threadctx._propagation",
+    "inject": "threadctx._propagation",
+    "propagate": "threadctx._propagation",
+    "propagated": "threadctx._propagation",
+    "propagation_stats": "threadctx._propagation",
     "ContextThreadPoolExecutor": "threadctx._threads",
     "Thread": "threadctx._threads",
+    "instrument_threading": "threadctx._threads",
+    "uninstrument_threading": "threadctx._threads",
     "wrap": "threadctx._threads",
 }
 
@@ -78,28 +107,40 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
+    "BAGGAGE_MAX_BYTES",
+    "BAGGAGE_MAX_MEMBERS",
     "MAX_IDS",
     "MAX_NAME_LENGTH",
     "MAX_VALUE_LENGTH",
     "PRESETS",
     "ContextFilter",
+    "ContextProcessPoolExecutor",
     "ContextThreadPoolExecutor",
     "FieldNames",
     "Thread",
     "ThreadRuntimeContext",
     "ThreadSnapshot",
     "__version__",
+    "attached",
     "bind",
     "bound",
     "clear",
     "correlation",
     "delete_thread_storage",
+    "extract",
     "get_thread_storage",
+    "inject",
     "instrument_logging",
+    "instrument_threading",
     "loguru_patcher",
+    "propagate",
+    "propagated",
+    "propagation_stats",
     "snapshot",
     "structlog_processor",
     "unbind",
     "uninstrument_logging",
+    "uninstrument_threading",
     "wrap",
+    "wrap_process",
 ]

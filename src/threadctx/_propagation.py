@@ -1,0 +1,319 @@
+"""Carrying the context across processes and services as W3C headers.
+
+The trace context travels through OpenTelemetry's configured propagators
+(``traceparent``/``tracestate`` by default).  Correlation IDs travel as W3C
+baggage members, but only those on the propagation allowlist, because baggage
+leaves the process: ``request_id`` is on it by default and
+:func:`propagate` adds names.  Within the application's own process pools
+every correlation ID travels, in a header of its own.
+
+Everything read from a carrier is untrusted: the baggage header is cut to the
+W3C limits at whole members before any parser sees it, and correlation values
+that :func:`threadctx._correlation.validate` rejects are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Final, TypeVar
+from urllib.parse import quote, unquote
+
+from opentelemetry import baggage as otel_baggage
+from opentelemetry import context as otel_context
+from opentelemetry import propagate as otel_propagate
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import (
+    CarrierT,
+    Getter,
+    Setter,
+    default_getter,
+    default_setter,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from threadctx._correlation import MAX_IDS, _with_ids, correlation, validate
+
+__all__ = [
+    "BAGGAGE_MAX_BYTES",
+    "BAGGAGE_MAX_MEMBERS",
+    "attached",
+    "extract",
+    "inject",
+    "propagate",
+    "propagated",
+    "propagation_stats",
+]
+
+BAGGAGE_MAX_MEMBERS: Final = 64
+"""Most baggage members read from one carrier (W3C Baggage, "Limits")."""
+
+BAGGAGE_MAX_BYTES: Final = 8192
+"""Longest baggage header read from one carrier, in bytes (W3C Baggage, "Limits")."""
+
+_BAGGAGE = "baggage"
+_PROCESS_IDS = "threadctx-correlation"  # every correlation ID, in the application's own processes
+
+_allowlist: frozenset[str] = frozenset({"request_id"})
+_allowlist_lock = threading.Lock()
+
+_stats: Counter[str] = Counter()
+_stats_lock = threading.Lock()
+
+_TRACE: Final = TraceContextTextMapPropagator()
+_W3C_BAGGAGE: Final = W3CBaggagePropagator()
+
+C = TypeVar("C")
+
+
+def propagate(*names: str) -> frozenset[str]:
+    """Let the named correlation IDs leave the process as W3C baggage.
+
+    ``request_id`` is on the allowlist from the start.  Call this once at
+    start-up, before requests are served::
+
+        threadctx.propagate("tenant", "user_id")
+
+    IDs not on the list are never injected into outgoing headers, and are not
+    taken from incoming baggage.
+
+    Returns:
+        The whole allowlist after the call.
+
+    Raises:
+        ValueError: a name is not a valid correlation ID name.
+
+    .. versionadded:: 0.1.0
+    """
+    global _allowlist  # noqa: PLW0603 - one process-wide allowlist, replaced whole
+    for name in names:
+        validate(name, "")
+    with _allowlist_lock:
+        _allowlist = _allowlist | frozenset(names)
+        return _allowlist
+
+
+def propagated() -> frozenset[str]:
+    """Return the names of the correlation IDs that :func:`inject` sends.
+
+    .. versionadded:: 0.1.0
+    """
+    return _allowlist
+
+
+def propagation_stats() -> dict[str, int]:
+    """Counts of untrusted input that was dropped, since the process started.
+
+    Keys: ``invalid_ids`` (correlation values from a carrier that failed
+    validation), ``baggage_members_cut`` (members beyond the W3C limits or
+    not printable ASCII) and ``invalid_request_ids`` (request ids the WSGI
+    middleware replaced with one of its own).
+
+    .. versionadded:: 0.1.0
+    """
+    with _stats_lock:
+        return {key: _stats[key] for key in ("invalid_ids", "baggage_members_cut", "invalid_request_ids")}
+
+
+def _count(key: str, n: int = 1) -> None:
+    if n:
+        with _stats_lock:
+            _stats[key] += n
+
+
+def _cut_baggage(values: list[str] | None) -> str | None:
+    """The incoming baggage cut at whole members to the W3C limits.
+
+    Members that are not printable ASCII are dropped too: they are invalid
+    baggage, and parsers log invalid members verbatim.
+    """
+    if not values:
+        return None
+    kept: list[str] = []
+    size = -1  # no comma before the first member
+    members = [member.strip(" \t") for value in values for member in value.split(",")]
+    members = [member for member in members if member]
+    for member in members:
+        if len(kept) == BAGGAGE_MAX_MEMBERS or size + 1 + len(member) > BAGGAGE_MAX_BYTES:
+            break
+        if member.isascii() and member.isprintable():
+            kept.append(member)
+            size += 1 + len(member)
+    _count("baggage_members_cut", len(members) - len(kept))
+    return ",".join(kept) or None
+
+
+class _CuttingGetter(Getter[C]):
+    """Reads the carrier through another getter, cutting the baggage header."""
+
+    def __init__(self, getter: Getter[C]) -> None:
+        self._getter = getter
+
+    def get(self, carrier: C, key: str) -> list[str] | None:
+        values = self._getter.get(carrier, key)
+        if key != _BAGGAGE:
+            return values
+        cut = _cut_baggage(values)
+        return [cut] if cut else None
+
+    def keys(self, carrier: C) -> list[str]:
+        return self._getter.keys(carrier)
+
+
+def _valid_ids(pairs: Mapping[str, object]) -> dict[str, str]:
+    ids: dict[str, str] = {}
+    for name, value in pairs.items():
+        try:
+            validate(name, value)
+        except (TypeError, ValueError):
+            _count("invalid_ids")
+        else:
+            ids[name] = str(value)  # validate checked that it is a str
+    if len(ids) > MAX_IDS:
+        _count("invalid_ids", len(ids) - MAX_IDS)
+        ids = dict(list(ids.items())[:MAX_IDS])
+    return ids
+
+
+def _propagator_sends_baggage() -> bool:
+    return _BAGGAGE in otel_propagate.get_global_textmap().fields
+
+
+def inject(
+    carrier: CarrierT,
+    *,
+    context: Context | None = None,
+    setter: Setter[CarrierT] = default_setter,
+) -> CarrierT:
+    """Write the context into outgoing headers, and return the carrier.
+
+    The trace context goes through OpenTelemetry's configured propagators;
+    correlation IDs on the allowlist (see :func:`propagate`) go as W3C
+    baggage members, next to any OpenTelemetry baggage (a correlation ID wins
+    over a baggage entry of the same name)::
+
+        headers = threadctx.inject({})
+        urllib.request.Request(url, headers=headers)
+
+    Args:
+        carrier: where to write, by default a ``dict`` of header names to values.
+        context: the context to send, by default the current one.
+        setter: how to write into the carrier.
+
+    .. versionadded:: 0.1.0
+    """
+    context = context if context is not None else otel_context.get_current()
+    allowed = _allowlist
+    ids = {name: value for name, value in correlation(context).items() if name in allowed}
+    if ids:
+        for name, value in ids.items():
+            context = otel_baggage.set_baggage(name, value, context)
+    otel_propagate.inject(carrier, context=context, setter=setter)
+    if ids and not _propagator_sends_baggage():
+        _W3C_BAGGAGE.inject(carrier, context=context, setter=setter)
+    return carrier
+
+
+def extract(
+    carrier: CarrierT,
+    *,
+    context: Context | None = None,
+    getter: Getter[CarrierT] = default_getter,
+    trace: bool = True,
+) -> Context:
+    """Read the context of incoming headers.
+
+    The result is ``context`` (by default the current one) with the remote
+    span as the current span, the incoming OpenTelemetry baggage, and the
+    incoming baggage members named on the allowlist bound as correlation IDs
+    (and removed from the baggage).  Input is untrusted: a malformed
+    ``traceparent`` is ignored as the W3C spec says, baggage beyond
+    :data:`BAGGAGE_MAX_MEMBERS` members or :data:`BAGGAGE_MAX_BYTES` bytes is
+    cut at whole members, and invalid correlation values are dropped (counted
+    in :func:`propagation_stats`), never bound.
+
+    Args:
+        carrier: the incoming headers, by default a ``dict``.
+        context: the context to add to, by default the current one.
+        getter: how to read from the carrier.
+        trace: ``False`` keeps the span of ``context`` and reads only baggage
+            and correlation IDs (for use under a middleware that already
+            started a server span).
+
+    .. versionadded:: 0.1.0
+    """
+    base = context if context is not None else otel_context.get_current()
+    cutting = _CuttingGetter(getter)
+    if trace:
+        extracted = otel_propagate.extract(carrier, context=base, getter=cutting)
+        if not _propagator_sends_baggage():
+            extracted = _W3C_BAGGAGE.extract(carrier, context=extracted, getter=cutting)
+    else:
+        extracted = _W3C_BAGGAGE.extract(carrier, context=base, getter=cutting)
+    allowed = _allowlist
+    entries = otel_baggage.get_all(extracted)
+    incoming = {name: value for name, value in entries.items() if name in allowed}
+    if not incoming:
+        return extracted
+    for name in incoming:
+        extracted = otel_baggage.remove_baggage(name, extracted)
+    ids = {**correlation(extracted), **_valid_ids(incoming)}
+    return _with_ids(dict(list(ids.items())[:MAX_IDS]), extracted)
+
+
+@contextmanager
+def attached(
+    carrier: CarrierT,
+    *,
+    getter: Getter[CarrierT] = default_getter,
+) -> Iterator[Context]:
+    """Extract the context of ``carrier`` and make it current for a block.
+
+    For a message consumer or a handler written by hand::
+
+        with threadctx.attached(message.headers):
+            process(message)
+
+    The thread's previous context is restored on exit, also on an exception.
+    Yields the attached context.
+
+    .. versionadded:: 0.1.0
+    """
+    context = extract(carrier, getter=getter)
+    token = otel_context.attach(context)
+    try:
+        yield context
+    finally:
+        otel_context.detach(token)
+
+
+def process_carrier(context: Context | None = None) -> dict[str, str]:
+    """Headers that carry ``context`` to a process of the same application.
+
+    W3C ``traceparent``/``tracestate`` and ``baggage`` whatever propagators
+    are configured, plus every correlation ID (not only the allowlist).
+    """
+    context = context if context is not None else otel_context.get_current()
+    carrier: dict[str, str] = {}
+    _TRACE.inject(carrier, context=context, setter=default_setter)
+    _W3C_BAGGAGE.inject(carrier, context=context, setter=default_setter)
+    ids = correlation(context)
+    if ids:
+        carrier[_PROCESS_IDS] = ",".join(f"{name}={quote(value, safe='')}" for name, value in ids.items())
+    return carrier
+
+
+def process_context(carrier: Mapping[str, str]) -> Context:
+    """The context that :func:`process_carrier` sent, on a clean base context."""
+    cutting = _CuttingGetter(default_getter)
+    context = _TRACE.extract(carrier, context=Context(), getter=cutting)
+    context = _W3C_BAGGAGE.extract(carrier, context=context, getter=cutting)
+    pairs: dict[str, object] = {}
+    for member in carrier.get(_PROCESS_IDS, "").split(","):
+        name, sep, value = member.partition("=")
+        if sep:
+            pairs[name] = unquote(value)
+    return _with_ids(_valid_ids(pairs), context)

@@ -1,0 +1,187 @@
+"""WSGI middleware: each request runs in its caller's context, with a request id.
+
+::
+
+    from threadctx.wsgi import ContextMiddleware
+
+    app = ContextMiddleware(app)
+
+Beside ``opentelemetry-instrumentation-wsgi``, put this middleware inside
+OpenTelemetry's, so that OpenTelemetry starts the server span from the
+incoming headers and this one binds the request id under that span::
+
+    app = OpenTelemetryMiddleware(ContextMiddleware(app))
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.propagators.textmap import Getter
+
+from threadctx._correlation import merged, validate
+from threadctx._propagation import _count, extract
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from opentelemetry.context import Context
+
+__all__ = ["ContextMiddleware", "EnvironGetter", "new_request_id"]
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
+
+
+def new_request_id() -> str:
+    """A new random request id: 32 lowercase hex digits."""
+    return uuid.uuid4().hex
+
+
+class EnvironGetter(Getter["WSGIEnvironment"]):
+    """Reads HTTP headers from a WSGI environ, for :func:`threadctx.extract`."""
+
+    def get(self, carrier: WSGIEnvironment, key: str) -> list[str] | None:
+        """The values of header ``key`` (any case), or ``None``."""
+        value = carrier.get("HTTP_" + key.upper().replace("-", "_"))
+        return None if value is None else [value]
+
+    def keys(self, carrier: WSGIEnvironment) -> list[str]:
+        """The names of the request's HTTP headers, lowercase."""
+        return [key[5:].lower().replace("_", "-") for key in carrier if key.startswith("HTTP_")]
+
+
+_GETTER = EnvironGetter()
+
+
+class ContextMiddleware:
+    """Run each request in the context its caller sent, with a request id bound.
+
+    For each request the middleware:
+
+    1. extracts the incoming trace context and allowlisted baggage
+       (:func:`threadctx.extract`); when a server span is already current
+       (``OpenTelemetryMiddleware`` outside), it keeps that span and reads
+       only the baggage;
+    2. accepts the incoming request id if it is valid (1 to 128 characters:
+       ASCII letters, digits and ``. _ : / + = -``, starting with a letter or
+       digit), or else generates one (an invalid one is counted in
+       :func:`threadctx.propagation_stats` and never logged);
+    3. binds it as a correlation ID for the request, including while the
+       response body is produced, and sends it back in a response header;
+    4. leaves the worker thread's context as it found it.
+
+    Args:
+        app: the WSGI application to wrap.
+        header: the request and response header of the request id.
+        name: the correlation ID name it is bound under.
+        generate: makes a request id when the request brings no valid one.
+        trust_incoming: ``False`` ignores incoming request ids and always generates.
+        response_header: ``False`` does not send the request id back.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        header: str = "X-Request-ID",
+        name: str = "request_id",
+        generate: Callable[[], str] = new_request_id,
+        trust_incoming: bool = True,
+        response_header: bool = True,
+    ) -> None:
+        validate(name, "")
+        if not re.fullmatch(r"[A-Za-z0-9-]+", header):
+            raise ValueError(f"header must be an HTTP header name, not {header!r}")
+        self.app = app
+        self.header = header
+        self.name = name
+        self.generate = generate
+        self.trust_incoming = trust_incoming
+        self.response_header = response_header
+        self._environ_key = "HTTP_" + header.upper().replace("-", "_")
+
+    def _request_id(self, environ: WSGIEnvironment) -> str:
+        incoming = environ.get(self._environ_key) if self.trust_incoming else None
+        if isinstance(incoming, str) and _REQUEST_ID.fullmatch(incoming):
+            return incoming
+        if incoming is not None:
+            _count("invalid_request_ids")
+        return self.generate()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Serve one request in its own context."""
+        current = otel_context.get_current()
+        has_span = otel_trace.get_current_span(current).get_span_context().is_valid
+        context = extract(environ, context=current, getter=_GETTER, trace=not has_span)
+        request_id = self._request_id(environ)
+        context = merged({self.name: request_id}, context)
+        respond = start_response
+        if self.response_header:
+            respond = _AddHeader(start_response, self.header, request_id)
+        token = otel_context.attach(context)
+        try:
+            body = self.app(environ, respond)
+        finally:
+            otel_context.detach(token)
+        if isinstance(body, (list, tuple)):  # already produced: nothing runs later
+            return body
+        return _Body(body, context)
+
+
+class _AddHeader:
+    __slots__ = ("header", "start_response", "value")
+
+    def __init__(self, start_response: StartResponse, header: str, value: str) -> None:
+        self.start_response = start_response
+        self.header = header
+        self.value = value
+
+    def __call__(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        lower = self.header.lower()
+        if not any(name.lower() == lower for name, _ in headers):
+            headers = [*headers, (self.header, self.value)]
+        return self.start_response(status, headers, exc_info)
+
+
+class _Body:
+    """The response body, produced (and closed) in the request's context."""
+
+    __slots__ = ("_context", "_iterable")
+
+    def __init__(self, iterable: Iterable[bytes], context: Context) -> None:
+        self._iterable = iterable
+        self._context = context
+
+    def __iter__(self) -> Iterator[bytes]:
+        token = otel_context.attach(self._context)
+        try:
+            iterator = iter(self._iterable)
+        finally:
+            otel_context.detach(token)
+        while True:
+            token = otel_context.attach(self._context)
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                otel_context.detach(token)
+            yield chunk
+
+    def close(self) -> None:
+        close: Callable[[], Any] | None = getattr(self._iterable, "close", None)
+        if close is not None:
+            token = otel_context.attach(self._context)
+            try:
+                close()
+            finally:
+                otel_context.detach(token)
