@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -64,3 +65,86 @@ def test_readme_quick_start_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"MainThread trace_id=[0-9a-f]{32} request_id=req-readme processing\n", result.stderr)
+
+
+def test_thread_pool_example_carries_each_request_into_pools_and_threads() -> None:
+    result = run("thread_pool.py")
+    assert result.returncode == 0, result.stderr
+    assert "tasks that saw another request's id: 0" in result.stdout
+    for where in ("ContextThreadPoolExecutor", "a plain ThreadPoolExecutor", "a plain Thread"):
+        lines = [line for line in result.stdout.splitlines() if line.endswith(f"in {where}")]
+        assert sorted(line.split("request_id=")[1].split()[0] for line in lines) == [
+            "req-0",
+            "req-1",
+            "req-2",
+        ]
+
+
+def test_process_pool_example_children_log_with_the_parents_ids() -> None:
+    result = run("process_pool.py")
+    assert result.returncode == 0, result.stderr
+    assert "tasks that ran with another context: 0" in result.stdout
+    lines = result.stdout.splitlines()
+    parent_pid = lines[0].split()[0]
+    for index in range(3):
+        (sent,) = [line for line in lines if f"request_id=req-{index} " in line and "sending" in line]
+        (crunched,) = [line for line in lines if f"request_id=req-{index} " in line and "crunching" in line]
+        assert crunched.split()[0] != parent_pid, "the work ran in a child process"
+        assert crunched.split()[1] == sent.split()[1], "with the parent's trace id"
+        assert "tenant=acme" in crunched
+
+
+def test_wsgi_service_example_self_test() -> None:
+    result = run("wsgi_service.py", "--port", "0", "--self-test", "64")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    assert "requests=64 log_lines=128 misattributed=0" in result.stdout
+
+
+class Service:
+    """examples/wsgi_service.py in a process of its own, on a free port of 127.0.0.1."""
+
+    def __init__(self, name: str, *args: str) -> None:
+        env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
+        command = [sys.executable, str(EXAMPLES / "wsgi_service.py"), "--name", name, "--port", "0", *args]
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        first = self.process.stdout.readline()
+        match = re.fullmatch(r"listening on (http://127\.0\.0\.1:\d+)\n", first)
+        assert match, first + self.process.stderr.read()  # type: ignore[union-attr]
+        self.url = match[1]
+
+    def stop(self) -> list[str]:
+        """Stop the service; return its log lines."""
+        self.process.terminate()
+        out, _ = self.process.communicate(timeout=60)
+        return out.splitlines()
+
+
+def test_two_services_b_logs_with_as_trace_id_and_request_id() -> None:
+    """A calls B over HTTP on 127.0.0.1; B's lines carry A's trace id and the request id A was given."""
+    b = Service("B")
+    try:
+        a = Service("A", "--downstream", f"{b.url}/work")
+        try:
+            request = urllib.request.Request(f"{a.url}/order", headers={"X-Request-ID": "req-two-services"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.status == 200
+                assert response.headers["X-Request-ID"] == "req-two-services"
+        finally:
+            a_lines = a.stop()
+    finally:
+        b_lines = b.stop()
+
+    def ours(lines: list[str]) -> list[str]:
+        return [line for line in lines if "request_id=req-two-services" in line]
+
+    a_traces = {line.split("trace_id=")[1].split()[0] for line in ours(a_lines)}
+    assert len(a_traces) == 1, a_lines
+    (a_trace,) = a_traces
+    assert a_trace != "0" * 32
+    assert len(ours(a_lines)) == 3, "handling, pool task, downstream answered"
+    assert len(ours(b_lines)) == 2, b_lines
+    for line in ours(b_lines):
+        assert line.startswith(f"service=B trace_id={a_trace} "), line

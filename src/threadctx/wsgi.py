@@ -26,7 +26,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.propagators.textmap import Getter
 
-from threadctx._correlation import merged, validate
+from threadctx._correlation import correlation, merged, validate
 from threadctx._propagation import _count, extract
 
 if TYPE_CHECKING:
@@ -69,10 +69,12 @@ class ContextMiddleware:
        (:func:`threadctx.extract`); when a server span is already current
        (``OpenTelemetryMiddleware`` outside), it keeps that span and reads
        only the baggage;
-    2. accepts the incoming request id if it is valid (1 to 128 characters:
-       ASCII letters, digits and ``. _ : / + = -``, starting with a letter or
-       digit), or else generates one (an invalid one is counted in
-       :func:`threadctx.propagation_stats` and never logged);
+    2. takes the request id from the request header if it is valid (1 to
+       128 characters: ASCII letters, digits and ``. _ : / + = -``, starting
+       with a letter or digit; an invalid one is counted in
+       :func:`threadctx.propagation_stats` and never logged), else from the
+       incoming baggage (what :func:`threadctx.inject` sends), else
+       generates one;
     3. binds it as a correlation ID for the request, including while the
        response body is produced, and sends it back in a response header;
     4. leaves the worker thread's context as it found it.
@@ -82,7 +84,8 @@ class ContextMiddleware:
         header: the request and response header of the request id.
         name: the correlation ID name it is bound under.
         generate: makes a request id when the request brings no valid one.
-        trust_incoming: ``False`` ignores incoming request ids and always generates.
+        trust_incoming: ``False`` ignores incoming request ids (header and
+            baggage) and always generates one.
         response_header: ``False`` does not send the request id back.
     """
 
@@ -107,20 +110,23 @@ class ContextMiddleware:
         self.response_header = response_header
         self._environ_key = "HTTP_" + header.upper().replace("-", "_")
 
-    def _request_id(self, environ: WSGIEnvironment) -> str:
-        incoming = environ.get(self._environ_key) if self.trust_incoming else None
+    def _request_id(self, environ: WSGIEnvironment, context: Context) -> str:
+        if not self.trust_incoming:
+            return self.generate()
+        incoming = environ.get(self._environ_key)
         if isinstance(incoming, str) and _REQUEST_ID.fullmatch(incoming):
             return incoming
         if incoming is not None:
             _count("invalid_request_ids")
-        return self.generate()
+        # A caller that used threadctx.inject sent it as baggage (validated by extract).
+        return correlation(context).get(self.name) or self.generate()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Serve one request in its own context."""
         current = otel_context.get_current()
         has_span = otel_trace.get_current_span(current).get_span_context().is_valid
         context = extract(environ, context=current, getter=_GETTER, trace=not has_span)
-        request_id = self._request_id(environ)
+        request_id = self._request_id(environ, context)
         context = merged({self.name: request_id}, context)
         respond = start_response
         if self.response_header:

@@ -1,0 +1,265 @@
+"""ContextMiddleware under a real threaded WSGI server (waitress) on 127.0.0.1, with real HTTP clients."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from waitress.server import create_server
+from waitress.wasyncore import close_all
+
+import threadctx
+from threadctx.wsgi import ContextMiddleware
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+JOIN = 60
+CLIENTS = 32
+REQUESTS_PER_CLIENT = 4
+LINE = re.compile(r"trace=(?P<trace>\w+) span=(?P<span>\w+) request_id=(?P<rid>\S+) (?P<message>.*)$")
+
+
+class Lines(logging.Handler):
+    """Formats every record through ContextFilter, as a service's handler would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(threadctx.ContextFilter())
+        self.setFormatter(
+            logging.Formatter(
+                "trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(message)s",
+                defaults={"request_id": "-"},
+            )
+        )
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def lines() -> Iterator[Lines]:
+    handler = Lines()
+    log = logging.getLogger("app")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield handler
+    log.removeHandler(handler)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[WSGIApplication], int]]:
+    """Start waitress with 8 threads on a free port of 127.0.0.1; return the port."""
+    servers = []
+
+    def start(app: WSGIApplication) -> int:
+        server = create_server(app, host="127.0.0.1", port=0, threads=8, asyncore_loop_timeout=0.05)
+        thread = threading.Thread(target=server.run, name="waitress-loop", daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return int(server.effective_port)  # type: ignore[union-attr]
+
+    yield start
+    for server, thread in servers:
+        # Closed from the server's own loop thread: its loop ends when nothing is left to serve.
+        server.trigger.pull_trigger(lambda server=server: close_all(server._map))
+        thread.join(JOIN)
+        assert not thread.is_alive()
+        server.task_dispatcher.shutdown()
+
+
+def get(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=JOIN)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def state() -> tuple[bool, dict[str, str]]:
+    return trace.get_current_span().get_span_context().is_valid, dict(threadctx.correlation())
+
+
+def handler_app(pool: threadctx.ContextThreadPoolExecutor, after: list[object]) -> WSGIApplication:
+    """Logs in the handler, in a pool task and while streaming the body; records the worker's state after."""
+    log = logging.getLogger("app")
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        name = environ["PATH_INFO"].strip("/")
+        log.info("handling %s", name)
+        pool.submit(log.info, "pool task for %s", name).result(JOIN)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body() -> Iterator[bytes]:
+            log.info("streaming %s", name)
+            yield name.encode()
+
+        return body()
+
+    wrapped = ContextMiddleware(app)
+
+    def recorder(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        body = b"".join(wrapped(environ, start_response))
+        after.append(state())
+        return [body]
+
+    return recorder
+
+
+def test_every_line_of_many_concurrent_requests_carries_its_own_ids(
+    serve: Callable[[WSGIApplication], int], lines: Lines
+) -> None:
+    after: list[object] = []
+    with threadctx.ContextThreadPoolExecutor(max_workers=4) as pool:
+        port = serve(handler_app(pool, after))
+        sent: dict[str, tuple[str, str]] = {}
+        received: dict[str, tuple[int, str | None, bytes]] = {}
+        barrier = threading.Barrier(CLIENTS)
+        lock = threading.Lock()
+
+        def client(index: int) -> None:
+            barrier.wait(JOIN)
+            for n in range(REQUESTS_PER_CLIENT):
+                name = f"c{index}-{n}"
+                trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+                with lock:
+                    sent[name] = (trace_id, span_id)
+                status, headers, body = get(
+                    port,
+                    f"/{name}",
+                    {"traceparent": f"00-{trace_id}-{span_id}-01", "X-Request-ID": f"req-{name}"},
+                )
+                with lock:
+                    received[name] = (status, headers.get("x-request-id"), body)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(JOIN)
+
+    total = CLIENTS * REQUESTS_PER_CLIENT
+    assert received == {name: (200, f"req-{name}", name.encode()) for name in sent}
+    assert len(received) == total
+    assert len(lines.lines) == 3 * total
+    wrong = []
+    for line in lines.lines:
+        match = LINE.match(line)
+        assert match, line
+        name = match["message"].rsplit(" ", 1)[1]
+        if (match["trace"], match["span"], match["rid"]) != (*sent[name], f"req-{name}"):
+            wrong.append(line)
+    assert wrong == []
+    assert after == [(False, {})] * total, "each worker thread is clean after its request"
+
+
+def run_once(
+    serve: Callable[[WSGIApplication], int], headers: dict[str, str], **options: object
+) -> tuple[dict[str, str], dict[str, str]]:
+    """One request through ContextMiddleware: the response headers and the IDs the app saw."""
+    seen: dict[str, str] = {}
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        seen.update(threadctx.correlation())
+        start_response("200 OK", [])
+        return [b""]
+
+    port = serve(ContextMiddleware(app, **options))  # type: ignore[arg-type]
+    status, response_headers, _ = get(port, "/", headers)
+    assert status == 200
+    return response_headers, seen
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        "has space",
+        "x" * 129,
+        "-starts-with-dash",
+        "a\tb",
+        "\u00e9t\u00e9",
+        "trace=forged,x",
+    ],
+)
+def test_an_invalid_request_id_is_replaced_counted_and_never_logged(
+    serve: Callable[[WSGIApplication], int], incoming: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = threadctx.propagation_stats()["invalid_request_ids"]
+    with caplog.at_level(logging.DEBUG):
+        headers, seen = run_once(serve, {"X-Request-ID": incoming})
+    assert re.fullmatch(r"[0-9a-f]{32}", seen["request_id"]), seen
+    assert headers["x-request-id"] == seen["request_id"]
+    assert threadctx.propagation_stats()["invalid_request_ids"] == before + 1
+    assert incoming not in caplog.text
+
+
+def test_a_request_without_an_id_gets_a_new_one_each_time(serve: Callable[[WSGIApplication], int]) -> None:
+    first, _ = run_once(serve, {})
+    second, _ = run_once(serve, {})
+    assert re.fullmatch(r"[0-9a-f]{32}", first["x-request-id"])
+    assert first["x-request-id"] != second["x-request-id"]
+
+
+def test_header_name_correlation_name_and_generator_are_configurable(
+    serve: Callable[[WSGIApplication], int],
+) -> None:
+    headers, seen = run_once(
+        serve, {"X-Correlation-ID": "abc-1"}, header="X-Correlation-ID", name="correlation_id"
+    )
+    assert seen == {"correlation_id": "abc-1"}
+    assert headers["x-correlation-id"] == "abc-1"
+    headers, seen = run_once(
+        serve, {"X-Request-ID": "abc-2"}, trust_incoming=False, generate=lambda: "mine", response_header=False
+    )
+    assert seen == {"request_id": "mine"}
+    assert "x-request-id" not in headers
+
+
+def test_bad_options_are_rejected_clearly() -> None:
+    with pytest.raises(ValueError, match="HTTP header name"):
+        ContextMiddleware(lambda environ, start_response: [], header="X Request\nID")
+    with pytest.raises(ValueError, match="ASCII identifier"):
+        ContextMiddleware(lambda environ, start_response: [], name="request-id")
+
+
+def test_inside_opentelemetrys_wsgi_middleware(
+    serve: Callable[[WSGIApplication], int],
+    lines: Lines,
+    exporter: InMemorySpanExporter,
+    tracer_provider: TracerProvider,
+) -> None:
+    """OpenTelemetry starts the server span from the headers; the lines carry it and the request id."""
+    log = logging.getLogger("app")
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        log.info("inside")
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    port = serve(OpenTelemetryMiddleware(ContextMiddleware(app), tracer_provider=tracer_provider))
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    status, headers, _ = get(
+        port, "/", {"traceparent": f"00-{trace_id}-{span_id}-01", "X-Request-ID": "r-otel", "baggage": "k=v"}
+    )
+    assert status == 200
+    assert headers["x-request-id"] == "r-otel"
+    (server_span,) = exporter.get_finished_spans()
+    assert server_span.kind == trace.SpanKind.SERVER
+    assert server_span.parent is not None
+    assert format(server_span.parent.span_id, "016x") == span_id
+    assert lines.lines == [
+        f"trace={trace_id} span={server_span.context.span_id:016x} request_id=r-otel inside"
+    ]
