@@ -40,6 +40,7 @@ from threadctx._storage import (
 )
 
 if TYPE_CHECKING:
+    from threadctx._dump import dump, install_dump_signal
     from threadctx._filter import PRESETS, ContextFilter, FieldNames, instrument_logging, uninstrument_logging
     from threadctx._integrations import loguru_patcher, structlog_processor
     from threadctx._processes import ContextProcessPoolExecutor, wrap_process
@@ -63,6 +64,8 @@ if TYPE_CHECKING:
 
 # Names whose modules import opentelemetry.trace: loaded on first use.
 _LAZY = {
+    "dump": "threadctx._dump",
+    "install_dump_signal": "threadctx._dump",
     "PRESETS": "threadctx._filter",
     "ContextFilter": "threadctx._filter",
     "FieldNames": "threadctx._filter",
@@ -127,9 +130,11 @@ __all__ = [
     "clear",
     "correlation",
     "delete_thread_storage",
+    "dump",
     "extract",
     "get_thread_storage",
     "inject",
+    "install_dump_signal",
     "instrument_logging",
     "instrument_threading",
     "loguru_patcher",

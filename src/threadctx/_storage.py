@@ -192,11 +192,27 @@ def _live_states() -> list[_ThreadState]:
     return list(newest.values())
 
 
+def _thread_names() -> dict[int | None, str]:
+    """Names of the threads ``threading`` knows, without taking its lock.
+
+    ``threading.enumerate()`` takes a lock that an interrupted thread may
+    hold, which would deadlock a signal handler; a copy of the dict it reads
+    is atomic.
+    """
+    return {ident: thread.name for ident, thread in threading._active.copy().items()}  # type: ignore[attr-defined]
+
+
+def live_states() -> dict[int, _ThreadState]:
+    """The registry entry of each live thread that has one, by ident."""
+    return {state.ident: state for state in _live_states()}
+
+
 def snapshot() -> list[ThreadSnapshot]:
     """Describe every live thread that holds a context or storage.
 
     Safe to call from any thread at any time, also while threads start and
-    stop; it takes no lock and never raises for a thread that ends meanwhile.
+    stop, and from a signal handler; it takes no lock and never raises for a
+    thread that ends meanwhile.
     The calling thread is described from its current context; other threads
     from the context they attached last (for a thread that runs an asyncio
     loop, that is the context of whichever task attached last).
@@ -204,7 +220,7 @@ def snapshot() -> list[ThreadSnapshot]:
     # Imported here for the same reason as in _describe.
     from opentelemetry import context as otel_context
 
-    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    names = _thread_names()
     me = threading.get_ident()
     result = []
     for state in _live_states():

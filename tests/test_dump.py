@@ -1,0 +1,222 @@
+"""dump() and install_dump_signal(): every live thread, with its context and stack, safely on a signal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+import threadctx
+
+JOIN = 30
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+needs_sigusr1 = pytest.mark.skipif(
+    not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform"
+)
+
+
+@pytest.fixture
+def busy_threads(tracer_provider: TracerProvider) -> Iterator[None]:
+    """A pool worker stuck inside a request, and a plain daemon thread with an odd name."""
+    release, started = threading.Event(), threading.Barrier(3)
+
+    def stuck_in_request() -> None:
+        with (
+            tracer_provider.get_tracer("t").start_as_current_span("stuck order"),
+            threadctx.bound(request_id="r-7"),
+        ):
+            started.wait(JOIN)
+            release.wait(JOIN)
+
+    def idle() -> None:
+        started.wait(JOIN)
+        release.wait(JOIN)
+
+    plain = threading.Thread(target=idle, name="odd\nname", daemon=True)
+    plain.start()
+    with threadctx.ContextThreadPoolExecutor(max_workers=1, thread_name_prefix="pool") as pool:
+        future = pool.submit(stuck_in_request)
+        started.wait(JOIN)
+        try:
+            yield
+        finally:
+            release.set()
+            future.result(JOIN)
+            plain.join(JOIN)
+
+
+def block(report: str, name: str) -> str:
+    """The part of the report about the thread called name."""
+    match = re.search(
+        rf'^Thread "{re.escape(name)}".*?(?=^Thread |^end of threadctx dump)', report, re.M | re.S
+    )
+    assert match, report
+    return match[0]
+
+
+def test_dump_describes_every_thread_with_its_context_and_stack(busy_threads: None) -> None:
+    report = threadctx.dump()
+    assert report.startswith(f"threadctx dump: {threading.active_count()} threads in process {os.getpid()} ")
+    assert report.endswith("end of threadctx dump\n")
+    worker = block(report, "pool_0")
+    assert re.search(r"trace_id=[0-9a-f]{32} span_id=[0-9a-f]{16} span_name=\"stuck order\"", worker)
+    assert "correlation: request_id=r-7" in worker
+    assert "in stuck_in_request\n      release.wait(JOIN)" in worker, "the frame it is stuck in, with source"
+    plain = block(report, "odd\\nname")
+    assert " daemon" in plain.splitlines()[0], "the name is escaped: a thread is one header line"
+    assert "trace_id" not in plain
+    assert "correlation" not in plain
+    main = block(report, "MainThread")
+    assert "(this thread)" in main
+    assert "threadctx/_dump.py" not in main, "the report's own frames are left out"
+
+
+def test_frames_limits_the_stack(busy_threads: None) -> None:
+    assert "File " not in threadctx.dump(frames=0)
+    worker = block(threadctx.dump(frames=1, source=False), "pool_0")
+    assert len([line for line in worker.splitlines() if line.lstrip().startswith("File ")]) == 1
+    with pytest.raises(ValueError, match="frames"):
+        threadctx.dump(frames=-1)
+
+
+@needs_sigusr1
+def test_the_signal_writes_the_report_to_a_file_descriptor(busy_threads: None) -> None:
+    read_end, write_end = os.pipe()
+    previous = threadctx.install_dump_signal(signal.SIGUSR1, file=write_end)
+    try:
+        signal.raise_signal(signal.SIGUSR1)  # the handler has run when this returns
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        report = pipe.read()
+    assert "correlation: request_id=r-7" in block(report, "pool_0")
+    assert "release.wait(JOIN)" not in report, "no source lines from a signal handler"
+    assert "in stuck_in_request" in report
+
+
+@needs_sigusr1
+def test_the_signal_can_log_the_report_from_a_thread_of_its_own(busy_threads: None) -> None:
+    logged = threading.Event()
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+            logged.set()
+
+    logger = logging.getLogger("test.dump")
+    logger.addHandler(Keep())
+    logger.propagate = False
+    previous = threadctx.install_dump_signal(signal.SIGUSR1, logger="test.dump")
+    try:
+        signal.raise_signal(signal.SIGUSR1)
+        assert logged.wait(JOIN)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    (record,) = records
+    assert record.levelno == logging.WARNING
+    assert record.threadName == "threadctx-dump"
+    assert "correlation: request_id=r-7" in block(record.getMessage(), "pool_0")
+
+
+def test_bad_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        threadctx.install_dump_signal(file=2, logger="x")
+    with pytest.raises(ValueError, match="frames"):
+        threadctx.install_dump_signal(frames=-1)
+    errors: list[BaseException] = []
+
+    def from_a_worker() -> None:
+        try:
+            threadctx.install_dump_signal()
+        except ValueError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=from_a_worker)
+    thread.start()
+    thread.join(JOIN)
+    assert [str(error) for error in errors] == ["install_dump_signal() must be called from the main thread"]
+
+
+HOLDS_LOCKS = textwrap.dedent(
+    """
+    import logging, signal, sys, threading
+    import threadctx
+
+    logged = threading.Event()
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logged.set()
+    handler = Keep()
+    logging.getLogger("dump").addHandler(handler)
+
+    threadctx.install_dump_signal(signal.SIGUSR1, file=sys.stderr)
+    # The interrupted thread holds threading's registry lock and the logging handler's lock.
+    with threading._active_limbo_lock:
+        handler.acquire()
+        signal.raise_signal(signal.SIGUSR1)
+        print("stderr report written", flush=True)
+        threadctx.install_dump_signal(signal.SIGUSR1, logger="dump")
+        signal.raise_signal(signal.SIGUSR1)
+        print("log report queued", flush=True)
+        handler.release()
+    print("logged" if logged.wait(30) else "not logged", flush=True)
+    """
+)
+
+
+@needs_sigusr1
+def test_a_signal_while_the_interrupted_thread_holds_locks_does_not_deadlock() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", HOLDS_LOCKS], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["stderr report written", "log report queued", "logged"]
+    assert result.stderr.endswith("end of threadctx dump\n")
+
+
+@needs_sigusr1
+def test_stuck_pool_example_shows_the_stuck_worker_to_an_operator() -> None:
+    """The example waits; the operator sends SIGUSR1 from outside, reads the report, presses Enter."""
+    env = {**os.environ, "OTEL_PYTHON_CONTEXT": "threadctx"}
+    with subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "stuck_pool.py")],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdin
+        assert process.stdout
+        assert process.stderr
+        try:
+            prompt = process.stdout.readline()
+            assert f"pid {process.pid}: order o1 is stuck" in prompt
+            os.kill(process.pid, signal.SIGUSR1)
+            report = ""
+            while not report.endswith("end of threadctx dump\n"):
+                line = process.stderr.readline()
+                assert line, f"the process ended before its report was complete: {report}"
+                report += line
+            process.stdin.write("\n")
+            process.stdin.flush()
+            assert process.wait(JOIN) == 0
+        finally:
+            process.kill()
+    stuck = [part for part in report.split("\n\n") if "request_id=req-o1" in part]
+    assert len(stuck) == 1, report
+    assert 'span_name="order o1"' in stuck[0]
+    assert "in charge_card" in stuck[0]
+    assert report.count("correlation:") == 1, "o0 and o2 are done: their workers hold no request"
