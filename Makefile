@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-demo: $(VENV)/.installed  ## the main job: a worker pool whose threads log with their own ids
+demo: $(VENV)/.installed  ## the main job: a threaded HTTP service, every line checked against its request
 	$(BIN)/python examples/demo.py
 
 test: lint typecheck pytest  ## everything CI checks, but the conformance suites

@@ -1,116 +1,228 @@
-"""threadctx demo: a worker pool whose threads each log with their own trace and request ids.
+"""threadctx demo: a threaded HTTP service whose every log line carries its own request's ids.
 
-Run it with ``make demo`` (or ``OTEL_PYTHON_CONTEXT=threadctx python examples/demo.py``).
-Each request runs on a pool thread, inside its own span, with its own request id
-bound; every line goes through one shared handler. At the end the demo checks
-every line against the request that wrote it and exits non-zero on any mismatch.
+``make demo`` runs it. It starts a real WSGI service (waitress, a pool of
+worker threads) on 127.0.0.1, configured the way the README says: the
+threadctx runtime context, the OpenTelemetry SDK, ``ContextFilter`` on the one
+log handler, ``ContextMiddleware``, and a thread pool behind the handlers.
+Then a real HTTP client sends a burst of concurrent requests, each with its
+own ``traceparent`` and ``X-Request-ID``. At the end the demo checks every log
+line and every span against the request that produced it, and exits non-zero
+if any check fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import logging
+import http.client
 import os
 import re
+import secrets
 import sys
 import threading
+import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-os.environ.setdefault("OTEL_PYTHON_CONTEXT", "threadctx")  # before OpenTelemetry is imported
+os.environ.setdefault("OTEL_PYTHON_CONTEXT", "threadctx")  # 1. before OpenTelemetry is imported
+
+import logging
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from waitress.server import create_server
 
 import threadctx
+from threadctx.wsgi import ContextMiddleware
 
-FORMAT = (
-    "%(threadName)-10s trace=%(trace_id)s span=%(span_id)s "
-    "request_id=%(request_id)s tenant=%(tenant)s %(message)s"
-)
-LINE = re.compile(
-    r"trace=(?P<trace>[0-9a-f]{32}) span=(?P<span>[0-9a-f]{16}) request_id=(?P<req>\S+) .* req=(?P<own>\S+)$"
-)
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+FORMAT = "%(threadName)-10s trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(message)s"
+LINE = re.compile(r"trace=(?P<trace>\w+) span=\w+ request_id=(?P<rid>\S+) .* (?P<own>req-\d+)$")
+TIMEOUT = 30
 
 
-def misattributed(lines: list[str], expected: dict[str, tuple[str, str]]) -> int:
-    """Count the lines whose ids are not those of the request that wrote them."""
-    wrong = 0
-    for line in lines:
-        match = LINE.search(line)
-        if (
-            match is None
-            or match["req"] != match["own"]
-            or (match["trace"], match["span"]) != expected[match["own"]]
-        ):
-            wrong += 1
-    return wrong
+class Collect(logging.Handler):
+    """Keeps the formatted lines, for the checks at the end (a service would write them out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def configure() -> tuple[InMemorySpanExporter, Collect]:
+    """2. The tracer provider, and 3. the filter on the handler: once, at start-up."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "threadctx-demo"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    handler = Collect()
+    handler.setFormatter(logging.Formatter(FORMAT, defaults={"request_id": "-"}))
+    handler.addFilter(threadctx.ContextFilter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("waitress").setLevel(logging.WARNING)
+    return exporter, handler
+
+
+class Service:
+    """The application: a server span per request, and two steps on a backend pool."""
+
+    def __init__(self, backend: threadctx.ContextThreadPoolExecutor, hold: int) -> None:
+        self.backend = backend
+        self.log = logging.getLogger("demo.orders")
+        self.tracer = trace.get_tracer("demo")
+        # The first `hold` requests wait, all at once, until the snapshot is taken.
+        self.hold = hold
+        self.held = threading.Barrier(hold + 1)
+        self.snapshot_taken = threading.Event()
+        self.arrivals = 0
+        self.lock = threading.Lock()
+
+    def step(self, what: str, order: str) -> int:
+        self.log.info("%s for %s", what, order)
+        return sum(i * i for i in range(2_000))
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        order = environ["PATH_INFO"].rsplit("/", 1)[-1]
+        with self.tracer.start_as_current_span("GET /orders/{id}", kind=trace.SpanKind.SERVER):
+            self.log.info("received %s", order)
+            with self.lock:
+                self.arrivals += 1
+                held = self.arrivals <= self.hold
+            if held:
+                self.held.wait(TIMEOUT)
+                self.snapshot_taken.wait(TIMEOUT)
+            for future in [
+                self.backend.submit(self.step, what, order) for what in ("stock check", "payment")
+            ]:
+                future.result(TIMEOUT)
+            self.log.info("answered %s", order)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [order.encode()]
+
+
+def progress(done: int, total: int, tty: bool) -> None:
+    width = 30
+    filled = width * done // total
+    bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} requests"
+    if tty:
+        print(f"\r  {bar}", end="" if done < total else "\n", flush=True)
+    elif done == total or done % max(total // 4, 1) == 0:
+        print(f"  {bar}", flush=True)
+
+
+class Burst:
+    """The HTTP client: concurrent requests, each with its own traceparent and X-Request-ID."""
+
+    def __init__(self, port: int, total: int) -> None:
+        self.port = port
+        self.total = total
+        self.sent: dict[str, tuple[str, str]] = {}  # request id -> (trace id, the caller's span id)
+        self.answers: dict[str, tuple[int, str | None]] = {}
+        self.lock = threading.Lock()
+        self.tty = sys.stdout.isatty()
+
+    def call(self, index: int) -> None:
+        request_id = f"req-{index:05d}"
+        trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+        with self.lock:
+            self.sent[request_id] = (trace_id, span_id)
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+        try:
+            headers = {"traceparent": f"00-{trace_id}-{span_id}-01", "X-Request-ID": request_id}
+            connection.request("GET", f"/orders/{request_id}", headers=headers)
+            response = connection.getresponse()
+            response.read()
+            answer = (response.status, response.getheader("X-Request-ID"))
+        finally:
+            connection.close()
+        with self.lock:
+            self.answers[request_id] = answer
+            progress(len(self.answers), self.total, self.tty)
+
+
+def show(lines: list[str], outside: list[str], busy: list[threadctx.ThreadSnapshot]) -> None:
+    print("\nsample of the log lines (one handler, many threads):")
+    for line in lines[:: max(len(lines) // 8, 1)][:8] + outside[:2]:
+        print("  " + line)
+    print("\nsnapshot of the server threads mid-flight (threadctx.snapshot()):")
+    for entry in sorted(busy, key=lambda entry: entry.name):
+        request_id = entry.correlation["request_id"]
+        print(f"  {entry.name:<10} {entry.span_name:<16} trace={entry.trace_id} request_id={request_id}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200, help="requests to serve (default: 200)")
-    parser.add_argument("--workers", type=int, default=8, help="pool threads (default: 8)")
-    parser.add_argument("--lines", type=int, default=5, help="log lines per request (default: 5)")
+    parser.add_argument("--requests", type=int, default=300, help="requests to send (default: 300)")
+    parser.add_argument("--workers", type=int, default=8, help="server worker threads (default: 8)")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default: 16)")
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.workers < 1 or args.lines < 1:
-        parser.error("--requests, --workers and --lines must be at least 1")
+    if min(args.requests, args.workers, args.clients) < 1:
+        parser.error("--requests, --workers and --clients must be at least 1")
+    started = time.monotonic()
 
+    exporter, collected = configure()
+    backend = threadctx.ContextThreadPoolExecutor(max_workers=4, thread_name_prefix="backend")
+    hold = min(args.workers, args.requests, args.clients)
+    service = Service(backend, hold)
+    # 4. The middleware: the caller's context and request id, per request.
+    server = create_server(ContextMiddleware(service), host="127.0.0.1", port=0, threads=args.workers)
+    port = int(server.effective_port)  # type: ignore[union-attr]
+    threading.Thread(target=server.run, name="server", daemon=True).start()
     runtime = type(otel_context._RUNTIME_CONTEXT).__name__
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "threadctx-demo"}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("demo")
+    print(f"threadctx demo: {args.requests} requests, {args.clients} clients, {args.workers} server threads")
+    print(f"  service on http://127.0.0.1:{port}, runtime context {runtime}")
 
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(FORMAT, defaults={"request_id": "-", "tenant": "-"}))
-    handler.addFilter(threadctx.ContextFilter())  # on the handler: every logger's records get stamped
-    log = logging.getLogger("demo.worker")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    burst = Burst(port, args.requests)
+    with ThreadPoolExecutor(max_workers=args.clients, thread_name_prefix="client") as clients:
+        futures = [clients.submit(burst.call, index) for index in range(args.requests)]
+        service.held.wait(TIMEOUT)  # `hold` server threads are busy with a request each now
+        mid_flight = threadctx.snapshot()
+        service.snapshot_taken.set()
+        for future in futures:
+            future.result(TIMEOUT)
+    server.task_dispatcher.shutdown()
+    backend.shutdown()
+    elapsed = time.monotonic() - started
 
-    expected: dict[str, tuple[str, str]] = {}
-    lock = threading.Lock()
+    # The app's lines end with their request's id; others (waitress's own warnings, from its
+    # loop thread) belong to no request and must carry no ids.
+    lines = [line for line in collected.lines if re.search(r" req-\d+$", line)]
+    outside = [line for line in collected.lines if line not in lines]
+    busy = [entry for entry in mid_flight if entry.correlation.get("request_id")]
+    show(lines, outside, busy)
+    sent = burst.sent
 
-    def serve(index: int) -> None:
-        request_id = f"req-{index:05d}"
-        with (
-            tracer.start_as_current_span(f"GET /orders/{index}") as span,
-            threadctx.bound(request_id=request_id, tenant=f"tenant-{index % 3}"),
-        ):
-            ctx = span.get_span_context()
-            with lock:
-                expected[request_id] = (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"))
-            for step in range(args.lines):
-                log.info("step %d of request req=%s", step, request_id)
-        # The worker leaves the request: nothing of it stays bound on this thread.
-        if threadctx.correlation():
-            raise AssertionError("a finished request left correlation IDs on its worker")
-
-    with ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="worker") as pool:
-        for future in [pool.submit(serve, i) for i in range(args.requests)]:
-            future.result()
-
-    lines = stream.getvalue().splitlines()
-    wrong = misattributed(lines, expected)
-    threads = {line.split(" ", 1)[0] for line in lines}
-
-    print(f"runtime context: {runtime}")
-    print("sample of the log lines (one shared handler, many threads):")
-    for line in lines[:: max(len(lines) // 6, 1)][:6]:
-        print("  " + line)
+    wrong = sum("request_id=- " not in line for line in outside)
+    for line in lines:
+        match = LINE.search(line)
+        wrong += match is None or match["rid"] != match["own"] or match["trace"] != sent[match["own"]][0]
+    snapshot_wrong = sum(sent[entry.correlation["request_id"]][0] != entry.trace_id for entry in busy)
     spans = exporter.get_finished_spans()
+    by_trace = dict(sent.values())
+    children = sum(
+        span.parent is not None
+        and by_trace.get(format(span.context.trace_id, "032x")) == format(span.parent.span_id, "016x")
+        for span in spans
+    )
+    server_threads = {line.split(" ", 1)[0] for line in lines if "received" in line}
+    ok_answers = sum(answer == (200, request_id) for request_id, answer in burst.answers.items())
     checks = [
-        ("requests served", args.requests, len(expected) == args.requests),
-        ("worker threads that logged", len(threads), 0 < len(threads) <= args.workers),
-        ("log lines", len(lines), len(lines) == args.requests * args.lines),
+        ("requests answered, X-Request-ID echoed", ok_answers, ok_answers == args.requests),
+        ("server threads that served", len(server_threads), hold <= len(server_threads) <= args.workers),
+        ("threads busy in the snapshot", len(busy), len(busy) == hold and snapshot_wrong == 0),
+        ("log lines of the requests", len(lines), len(lines) == 4 * args.requests),
         ("lines attributed to the wrong request", wrong, wrong == 0),
-        ("spans exported", len(spans), len(spans) == args.requests),
+        ("spans whose parent is the caller's", children, children == len(spans) == args.requests),
+        ("seconds", round(elapsed, 1), elapsed < TIMEOUT),
     ]
     print("\nsummary:")
     for label, value, ok in checks:

@@ -25,11 +25,26 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_passes_its_own_checks() -> None:
-    result = run("demo.py", "--requests", "64", "--workers", "8", "--lines", "4")
-    assert result.returncode == 0, result.stderr
-    assert "runtime context: ThreadRuntimeContext" in result.stdout
-    assert re.search(r"lines attributed to the wrong request\s+0  ok", result.stdout)
-    assert re.search(r"log lines\s+256  ok", result.stdout)
+    result = run("demo.py", "--requests", "64", "--workers", "4", "--clients", "8")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "runtime context ThreadRuntimeContext" in result.stdout
+    for check in (
+        r"requests answered, X-Request-ID echoed\s+64  ok",
+        r"threads busy in the snapshot\s+4  ok",
+        r"log lines of the requests\s+256  ok",
+        r"lines attributed to the wrong request\s+0  ok",
+        r"spans whose parent is the caller's\s+64  ok",
+    ):
+        assert re.search(check, result.stdout), check
+    snapshot = result.stdout.split("mid-flight (threadctx.snapshot()):\n", 1)[1].split("\n\n", 1)[0]
+    assert len(set(re.findall(r"request_id=(req-\d+)", snapshot))) == 4, "four threads, four requests"
+
+
+def test_demo_help_names_its_options() -> None:
+    result = run("demo.py", "--help")
+    assert result.returncode == 0
+    for option in ("--requests", "--workers", "--clients"):
+        assert option in result.stdout
 
 
 def test_demo_rejects_bad_options() -> None:
