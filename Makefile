@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OTEL_PYTHON_CONTEXT := threadctx
 
-.PHONY: demo test lint typecheck pytest conformance bench clean
+.PHONY: demo test lint typecheck pytest docs conformance bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,17 +14,24 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed  ## the main job: a threaded HTTP service, every line checked against its request
 	$(BIN)/python examples/demo.py
 
-test: lint typecheck pytest  ## everything CI checks, but the conformance suites
+test: lint typecheck pytest docs  ## everything CI checks, but the conformance suites
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests examples benchmarks conformance
-	$(BIN)/ruff format --check src tests examples benchmarks conformance
+	$(BIN)/ruff check src tests examples benchmarks conformance docs
+	$(BIN)/ruff format --check src tests examples benchmarks conformance docs
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
 pytest: $(VENV)/.installed
 	$(BIN)/pytest
+
+$(VENV)/.docs: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs  ## the documentation site, warnings are errors: docs/_build/html
+	$(BIN)/sphinx-build -W --keep-going -b html -q docs docs/_build/html
 
 conformance: $(VENV)/.installed  ## OpenTelemetry's own test suites, default backend vs threadctx
 	$(BIN)/python conformance/run.py --python $(PYTHON)
@@ -33,4 +40,4 @@ bench: $(VENV)/.installed  ## writes docs/benchmarks.md
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache docs/_build

@@ -1,0 +1,88 @@
+"""The documentation's code runs, and its facts match the code.
+
+In docs/*.md, a ```python block is a program: the blocks of one page run in order, in one fresh
+interpreter, as a reader would paste them. A ```py block is a fragment (it needs your app) and is
+not run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import threadctx
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+BLOCK = re.compile(r"^```python\n(.*?)^```$", re.M | re.S)
+
+
+def test_pages_are_found() -> None:
+    assert {page.stem for page in PAGES} >= {"index", "quickstart", "concepts", "logging", "propagation"}
+
+
+@pytest.mark.parametrize(
+    "page", [page for page in PAGES if BLOCK.search(page.read_text())], ids=lambda p: p.name
+)
+def test_the_python_blocks_of_a_page_run(page: Path) -> None:
+    program = "\n\n".join(BLOCK.findall(page.read_text()))
+    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
+    result = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_quick_start_prints_one_line_per_thread_with_its_own_ids() -> None:
+    program = "\n\n".join(BLOCK.findall((DOCS / "quickstart.md").read_text()))
+    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
+    result = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    lines = sorted(result.stderr.splitlines())
+    assert len(lines) == 2, result.stderr
+    for index, line in enumerate(lines):
+        assert re.fullmatch(
+            rf"worker-{index} trace_id=[0-9a-f]{{32}} request_id=req-{index} processing", line
+        )
+
+
+def test_the_constants_table_matches_the_code() -> None:
+    table = (DOCS / "reference.md").read_text()
+    for name in (
+        "MAX_NAME_LENGTH",
+        "MAX_VALUE_LENGTH",
+        "MAX_IDS",
+        "BAGGAGE_MAX_MEMBERS",
+        "BAGGAGE_MAX_BYTES",
+    ):
+        assert f"| `{name}` | {getattr(threadctx, name)} |" in table, name
+
+
+def test_every_public_name_is_in_the_reference() -> None:
+    reference = (DOCS / "reference.md").read_text()
+    missing = [name for name in threadctx.__all__ if name != "__version__" and name not in reference]
+    assert missing == []
+
+
+def masked(text: str) -> str:
+    """Text with the parts that change from run to run (ids, numbers) masked."""
+    return re.sub(r"\d+", "N", re.sub(r"[0-9a-f]{16,32}", "ID", text))
+
+
+def test_the_logging_pages_output_blocks_are_what_its_program_prints() -> None:
+    """Each ```text block after a program block shows that block's output; together, the whole output."""
+    page = (DOCS / "logging.md").read_text()
+    program = "\n\n".join(BLOCK.findall(page))
+    expected = "".join(re.findall(r"^```text\n(.*?)^```$", page, re.M | re.S))
+    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
+    result = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert masked(result.stdout) == masked(expected)
