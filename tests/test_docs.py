@@ -1,8 +1,7 @@
 """The documentation's code runs, and its facts match the code.
 
-In docs/*.md, a ```python block is a program: the blocks of one page run in order, in one fresh
-interpreter, as a reader would paste them. A ```py block is a fragment (it needs your app) and is
-not run.
+In docs/*.md, the ```python blocks of one page form one program: they run in order, as a script
+in a fresh interpreter and an empty directory, as a reader would paste them into a file.
 """
 
 from __future__ import annotations
@@ -22,29 +21,43 @@ PAGES = sorted(DOCS.glob("*.md"))
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.M | re.S)
 
 
+def run_page(page: Path, directory: Path) -> subprocess.CompletedProcess[str]:
+    """The page's program, as a script file (so that spawned processes can import it)."""
+    script = directory / f"{page.stem}_page.py"
+    script.write_text("\n\n".join(BLOCK.findall(page.read_text())))
+    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
+    return subprocess.run(
+        [sys.executable, str(script)],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_pages_are_found() -> None:
     assert {page.stem for page in PAGES} >= {"index", "quickstart", "concepts", "logging", "propagation"}
 
 
 @pytest.mark.parametrize(
-    "page", [page for page in PAGES if BLOCK.search(page.read_text())], ids=lambda p: p.name
+    "page", [page for page in PAGES if BLOCK.search(page.read_text())], ids=lambda page: page.name
 )
-def test_the_python_blocks_of_a_page_run(page: Path) -> None:
-    program = "\n\n".join(BLOCK.findall(page.read_text()))
-    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
-    result = subprocess.run(
-        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+def test_the_python_blocks_of_a_page_run(page: Path, tmp_path: Path) -> None:
+    result = run_page(page, tmp_path)
     assert result.returncode == 0, result.stderr
 
 
-def test_the_quick_start_prints_one_line_per_thread_with_its_own_ids() -> None:
-    program = "\n\n".join(BLOCK.findall((DOCS / "quickstart.md").read_text()))
-    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
-    result = subprocess.run(
-        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    lines = sorted(result.stderr.splitlines())
+def test_no_page_has_code_that_is_not_run() -> None:
+    """Python code is in ```python blocks (run), never in blocks the tests would skip."""
+    for page in PAGES:
+        assert not re.search(r"^```(py|python3)$", page.read_text(), re.M), page.name
+
+
+def test_the_quick_start_prints_one_line_per_thread_with_its_own_ids(tmp_path: Path) -> None:
+    result = run_page(DOCS / "quickstart.md", tmp_path)
+    lines = sorted(line for line in result.stderr.splitlines() if line.startswith("worker-"))
     assert len(lines) == 2, result.stderr
     for index, line in enumerate(lines):
         assert re.fullmatch(
@@ -75,14 +88,10 @@ def masked(text: str) -> str:
     return re.sub(r"\d+", "N", re.sub(r"[0-9a-f]{16,32}", "ID", text))
 
 
-def test_the_logging_pages_output_blocks_are_what_its_program_prints() -> None:
+def test_the_logging_pages_output_blocks_are_what_its_program_prints(tmp_path: Path) -> None:
     """Each ```text block after a program block shows that block's output; together, the whole output."""
-    page = (DOCS / "logging.md").read_text()
-    program = "\n\n".join(BLOCK.findall(page))
-    expected = "".join(re.findall(r"^```text\n(.*?)^```$", page, re.M | re.S))
-    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
-    result = subprocess.run(
-        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+    page = DOCS / "logging.md"
+    expected = "".join(re.findall(r"^```text\n(.*?)^```$", page.read_text(), re.M | re.S))
+    result = run_page(page, tmp_path)
     assert result.returncode == 0, result.stderr
     assert masked(result.stdout) == masked(expected)
