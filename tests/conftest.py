@@ -42,6 +42,16 @@ def _restore_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def _restore_allowlist() -> Iterator[None]:
+    """Names a test adds to the propagation allowlist are removed afterwards."""
+    from threadctx import _propagation
+
+    saved = _propagation._allowlist
+    yield
+    _propagation._allowlist = saved
+
+
 @pytest.fixture(params=["threadctx", "contextvars"])
 def any_runtime(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run the test once on threadctx's runtime context and once on OpenTelemetry's default."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 from opentelemetry import baggage, propagate, trace
@@ -13,18 +12,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import threadctx
-from threadctx import _propagation
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN_ID = "00f067aa0ba902b7"
 VALID = f"00-{TRACE_ID}-{SPAN_ID}-01"
-
-
-@pytest.fixture(autouse=True)
-def _allowlist() -> Iterator[None]:
-    saved = _propagation._allowlist
-    yield
-    _propagation._allowlist = saved
 
 
 def remote() -> tuple[str, str] | None:
