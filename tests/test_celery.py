@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import threadctx
 import threadctx.celery
+from threadctx import _propagation
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 JOIN = 60
@@ -59,11 +60,13 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def example(redis_url: str) -> Iterator[ModuleType]:
     """examples/celery_app.py, imported as the publishing side, pointed at the test's Redis."""
+    allowlist = _propagation._allowlist
     sys.path.insert(0, str(EXAMPLES))
     try:
         import celery_app
     finally:
         sys.path.remove(str(EXAMPLES))
+        _propagation._allowlist = allowlist  # the import added "tenant"; each test adds it itself
     celery_app.app.conf.update(broker_url=redis_url, result_backend=redis_url)
     celery_app.BROKER = redis_url
     yield celery_app
