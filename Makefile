@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OTEL_PYTHON_CONTEXT := threadctx
 
-.PHONY: demo test lint typecheck pytest docs conformance bench clean
+.PHONY: demo test lint typecheck pytest pytest-oldest docs conformance bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ typecheck: $(VENV)/.installed
 
 pytest: $(VENV)/.installed
 	$(BIN)/pytest
+
+pytest-oldest:  ## the tests on the oldest supported opentelemetry-api and -sdk (1.27), without contrib packages
+	$(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/pip install -q -e '.[test-core]' 'opentelemetry-api==1.27.0' 'opentelemetry-sdk==1.27.0'
+	.venv-oldest/bin/pytest
 
 $(VENV)/.docs: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[docs]'

@@ -28,11 +28,13 @@ import threadctx
 trace.set_tracer_provider(TracerProvider())
 tracer = trace.get_tracer("examples.stuck_pool")
 release = threading.Event()
+stuck = threading.Event()
 all_started = threading.Barrier(4)
 
 
 def charge_card(order: str) -> None:
     """The stuck call: waits for a payment gateway that never answers (until released)."""
+    stuck.set()
     release.wait()
 
 
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         all_started.wait()  # every worker is inside its request now
         futures[0].result()  # o0 and o2 finish; o1 stays stuck in charge_card
         futures[2].result()
+        stuck.wait()
         if args.self_signal:
             os.kill(os.getpid(), signal.SIGUSR1)
         else:

@@ -201,10 +201,11 @@ def test_beside_opentelemetrys_celery_instrumentation(
     example: ModuleType, redis_url: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     """The worker's task span is a child of the publish span; the ids are bound under it."""
-    from opentelemetry.instrumentation.celery import CeleryInstrumentor
-
+    celery_instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.celery", reason="opentelemetry-instrumentation-celery is not installed"
+    )
     threadctx.propagate("tenant")
-    instrumentor = CeleryInstrumentor()
+    instrumentor = celery_instrumentation.CeleryInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider)
     try:
         worker = Worker(redis_url, "threads", concurrency=2, otel=True)

@@ -6,6 +6,7 @@ in a fresh interpreter and an empty directory, as a reader would paste them into
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -15,6 +16,11 @@ from pathlib import Path
 import pytest
 
 import threadctx
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("opentelemetry.instrumentation") is None,
+    reason="the docs' examples use the opentelemetry-instrumentation packages of the test extras",
+)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(DOCS.glob("*.md"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
@@ -30,8 +30,11 @@ def state() -> State:
 @pytest.fixture(autouse=True)
 def _uninstrumented() -> Iterator[None]:
     yield
-    if ThreadingInstrumentor().is_instrumented_by_opentelemetry:
-        ThreadingInstrumentor().uninstrument()
+    if "opentelemetry.instrumentation.threading" in sys.modules:
+        from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+
+        if ThreadingInstrumentor().is_instrumented_by_opentelemetry:
+            ThreadingInstrumentor().uninstrument()
     threadctx.uninstrument_threading()
     assert threading.Thread.start is ORIGINAL_START
     assert ThreadPoolExecutor.submit is ORIGINAL_SUBMIT
@@ -158,7 +161,11 @@ def test_a_thread_started_twice_raises_as_usual() -> None:
 @pytest.mark.parametrize("order", ["threadctx first", "OpenTelemetry first"])
 def test_beside_opentelemetrys_threading_instrumentor(caller: State, order: str) -> None:
     """Both on: the same context arrives; both off, in either order: everything is restored."""
-    instrumentor = ThreadingInstrumentor()
+    threading_instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.threading",
+        reason="opentelemetry-instrumentation-threading is not installed",
+    )
+    instrumentor = threading_instrumentation.ThreadingInstrumentor()
     steps = [threadctx.instrument_threading, instrumentor.instrument]
     for step in steps if order == "threadctx first" else steps[::-1]:
         step()

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from waitress.server import create_server
@@ -242,6 +241,9 @@ def test_inside_opentelemetrys_wsgi_middleware(
     tracer_provider: TracerProvider,
 ) -> None:
     """OpenTelemetry starts the server span from the headers; the lines carry it and the request id."""
+    wsgi_instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.wsgi", reason="opentelemetry-instrumentation-wsgi is not installed"
+    )
     log = logging.getLogger("app")
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -249,7 +251,10 @@ def test_inside_opentelemetrys_wsgi_middleware(
         start_response("200 OK", [])
         return [b"ok"]
 
-    port = serve(OpenTelemetryMiddleware(ContextMiddleware(app), tracer_provider=tracer_provider))
+    middleware = wsgi_instrumentation.OpenTelemetryMiddleware(
+        ContextMiddleware(app), tracer_provider=tracer_provider
+    )
+    port = serve(middleware)
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
     status, headers, _ = get(
         port, "/", {"traceparent": f"00-{trace_id}-{span_id}-01", "X-Request-ID": "r-otel", "baggage": "k=v"}
