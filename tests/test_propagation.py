@@ -183,3 +183,14 @@ def test_extract_without_trace_keeps_the_current_span(tracer_provider: TracerPro
         context = threadctx.extract({"traceparent": VALID, "baggage": "request_id=r-6"}, trace=False)
     assert trace.get_current_span(context) is span
     assert threadctx.correlation(context) == {"request_id": "r-6"}
+
+
+def test_a_tracestate_member_that_could_break_a_log_line_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the fuzz test: OpenTelemetry logs an invalid tracestate member verbatim."""
+    before = threadctx.propagation_stats()["tracestate_members_cut"]
+    with caplog.at_level(logging.DEBUG):
+        context = threadctx.extract({"traceparent": VALID, "tracestate": "a=b\n,vendor=ok,c=\x1b[31md"})
+    trace_state = trace.get_current_span(context).get_span_context().trace_state
+    assert dict(trace_state) == {"vendor": "ok"}
+    assert threadctx.propagation_stats()["tracestate_members_cut"] == before + 2
+    assert not [record for record in caplog.records if not record.getMessage().isprintable()]

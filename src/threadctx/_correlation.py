@@ -53,9 +53,11 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
 def _show(value: str) -> str:
-    """A short, escaped rendering of untrusted text for an error message."""
-    shown = value[:40].encode("ascii", "backslashreplace").decode("ascii")
-    return repr(shown + ("..." if len(value) > 40 else ""))
+    """A short, escaped rendering of untrusted text for an error message (at most 65 characters)."""
+    shown = value[:60].encode("unicode_escape").decode("ascii")
+    if len(shown) > 60 or len(value) > 60:
+        shown = shown[:60] + "..."
+    return f"'{shown}'"
 
 
 def validate(name: object, value: object) -> None:

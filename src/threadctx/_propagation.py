@@ -55,6 +55,7 @@ BAGGAGE_MAX_BYTES: Final = 8192
 """Longest baggage header read from one carrier, in bytes (W3C Baggage, "Limits")."""
 
 _BAGGAGE = "baggage"
+_TRACESTATE = "tracestate"
 _PROCESS_IDS = "threadctx-correlation"  # every correlation ID, in the application's own processes
 
 _allowlist: frozenset[str] = frozenset({"request_id"})
@@ -109,13 +110,15 @@ def propagation_stats() -> dict[str, int]:
 
     Keys: ``invalid_ids`` (correlation values from a carrier that failed
     validation), ``baggage_members_cut`` (members beyond the W3C limits or
-    not printable ASCII) and ``invalid_request_ids`` (request ids the WSGI
-    middleware replaced with one of its own).
+    not printable ASCII), ``tracestate_members_cut`` (``tracestate`` members
+    that are not printable ASCII) and ``invalid_request_ids`` (request ids
+    the WSGI middleware replaced with one of its own).
 
     .. versionadded:: 0.1.0
     """
     with _stats_lock:
-        return {key: _stats[key] for key in ("invalid_ids", "baggage_members_cut", "invalid_request_ids")}
+        keys = ("invalid_ids", "baggage_members_cut", "tracestate_members_cut", "invalid_request_ids")
+        return {key: _stats[key] for key in keys}
 
 
 def _count(key: str, n: int = 1) -> None:
@@ -154,10 +157,17 @@ class _CuttingGetter(Getter[C]):
 
     def get(self, carrier: C, key: str) -> list[str] | None:
         values = self._getter.get(carrier, key)
-        if key != _BAGGAGE:
-            return values
-        cut = _cut_baggage(values)
-        return [cut] if cut else None
+        if key == _BAGGAGE:
+            cut = _cut_baggage(values)
+            return [cut] if cut else None
+        if key == _TRACESTATE and values:
+            # OpenTelemetry logs an invalid tracestate member verbatim: drop the
+            # ones that could break a log line before it sees them.
+            members = [member for value in values for member in value.split(",")]
+            kept = [member for member in members if member.isascii() and member.isprintable()]
+            _count("tracestate_members_cut", len(members) - len(kept))
+            return [",".join(kept)] if kept else None
+        return values
 
     def keys(self, carrier: C) -> list[str]:
         return self._getter.keys(carrier)

@@ -1,0 +1,150 @@
+"""Hostile input, generated: headers and bind values never crash, never forge a line, never pass a limit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+
+import threadctx
+from threadctx.wsgi import ContextMiddleware
+
+EXAMPLES = int(os.environ.get("THREADCTX_FUZZ_EXAMPLES", "300"))
+# Everything that can end, hide or rewrite a line: C0/C1 controls (ANSI escapes start with ESC),
+# DEL, NEL, the Unicode line and paragraph separators, and the bidi and zero-width format marks.
+SPECIALS = "\n\r\t\x0b\x0c\x1b\x00\x7f\x85\u2028\u2029\u202e\u200b\ufeff"
+hostile_text = st.text(alphabet=st.one_of(st.characters(), st.sampled_from(SPECIALS)), max_size=300)
+long_text = st.builds(lambda unit, count: unit * count, st.text(min_size=1, max_size=5), st.integers(1, 3000))
+anything = st.one_of(
+    hostile_text, long_text, st.from_regex("00-[0-9a-fA-F\u0660-\u0669]{32}-[0-9a-f]{16}-0[0-3].*")
+)
+FORMAT = "%(trace_id)s %(span_id)s %(trace_flags)s %(request_id)s %(message)s"
+
+
+class Records(logging.Handler):
+    """Every record logged anywhere while a case runs (OpenTelemetry warns about bad headers)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def records() -> Iterator[Records]:
+    handler = Records()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def one_line(text: str) -> bool:
+    return text.isprintable()  # no character in SPECIALS is printable
+
+
+def formatted(context: otel_context.Context) -> str:
+    """The line ContextFilter and a plain Formatter write for a record logged in `context`."""
+    record = logging.makeLogRecord({"msg": "handled"})
+    token = otel_context.attach(context)
+    try:
+        assert threadctx.ContextFilter().filter(record)
+    finally:
+        otel_context.detach(token)
+    return logging.Formatter(FORMAT, defaults={"request_id": "-"}).format(record)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    traceparent=st.one_of(anything, st.just("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")),
+    tracestate=anything,
+    baggage_header=anything,
+)
+@example(
+    traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX-Forged: 1",
+    tracestate="a=b",
+    baggage_header="request_id=r%0A1,request_id=ok,tenant=%E2%80%A8",
+)
+@example(  # a valid traceparent, so that the tracestate is parsed (found: OpenTelemetry logs it raw)
+    traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    tracestate="a=b\n,c=\x1b[31md,k=v\u2028",
+    baggage_header="x=1 2\n",
+)
+def test_incoming_headers(records: Records, traceparent: str, tracestate: str, baggage_header: str) -> None:
+    threadctx.propagate("tenant")
+    records.records.clear()
+    carrier = {"traceparent": traceparent, "tracestate": tracestate, "baggage": baggage_header}
+    context = threadctx.extract(carrier)
+
+    line = formatted(context)
+    assert one_line(line), repr(line)
+    assert re.fullmatch(r"[0-9a-f]{32} [0-9a-f]{16} [0-9a-f]{2} \S+ handled", line), line
+    for name, value in threadctx.correlation(context).items():
+        threadctx._correlation.validate(name, value)  # raises if an invalid value got through
+    assert len(baggage.get_all(context)) <= threadctx.BAGGAGE_MAX_MEMBERS
+    for record in records.records:
+        assert one_line(record.getMessage()), (
+            f"a log line about the input was forged: {record.getMessage()!r}"
+        )
+    span_context = trace.get_current_span(context).get_span_context()
+    if span_context.is_valid:  # only a well-formed traceparent gets through, whole
+        assert re.match(r"[ \t]*[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", traceparent)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    name=st.one_of(hostile_text, st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,70}", fullmatch=True)),
+    value=anything,
+)
+def test_bind_values(name: str, value: str) -> None:
+    try:
+        token = threadctx.bind(**{name: value})
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        assert one_line(message), "the error message shows the input escaped"
+        assert len(message) <= 250, "and short"
+        assert threadctx.correlation() == {}, "nothing is bound when the input is refused"
+        return
+    try:
+        assert len(name) <= threadctx.MAX_NAME_LENGTH
+        assert len(value) <= threadctx.MAX_VALUE_LENGTH
+        line = formatted(otel_context.get_current())
+        assert one_line(line), repr(line)
+    finally:
+        otel_context.detach(token)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(request_id=anything, traceparent=anything)
+def test_request_id_header(request_id: str, traceparent: str) -> None:
+    seen: dict[str, Any] = {}
+    sent: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.update(threadctx.correlation())
+        seen["line"] = formatted(otel_context.get_current())
+        start_response("200 OK", [])
+        return [b""]
+
+    environ = {"HTTP_X_REQUEST_ID": request_id, "HTTP_TRACEPARENT": traceparent, "PATH_INFO": "/"}
+    ContextMiddleware(app)(environ, lambda status, headers, exc_info=None: sent.append((status, headers)))
+    accepted = seen["request_id"]
+    assert accepted == request_id or re.fullmatch(r"[0-9a-f]{32}", accepted)
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}", accepted)
+    assert one_line(seen["line"])
+    ((_, headers),) = sent
+    assert ("X-Request-ID", accepted) in headers
+    assert threadctx.correlation() == {}, "the worker is clean after the request"
