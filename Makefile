@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OTEL_PYTHON_CONTEXT := threadctx
 
-.PHONY: demo test lint typecheck pytest pytest-oldest docs conformance bench clean
+.PHONY: demo test lint typecheck pytest pytest-oldest soak docs conformance bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ pytest-oldest:  ## the tests on the oldest supported opentelemetry-api and -sdk 
 	$(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/pip install -q -e '.[test-core]' 'opentelemetry-api==1.27.0' 'opentelemetry-sdk==1.27.0'
 	.venv-oldest/bin/pytest
+
+soak: $(VENV)/.installed  ## the long soak, model and fuzz runs of docs/reliability.md (about 10 minutes)
+	THREADCTX_SOAK=long $(BIN)/pytest -m soak -s --timeout 1800
+	THREADCTX_MODEL_EXAMPLES=1000 THREADCTX_FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_model.py tests/test_hostile_input.py --timeout 1800
 
 $(VENV)/.docs: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[docs]'

@@ -182,8 +182,8 @@ class ContextFilter(logging.Filter):
         # Where a record already stamped by a ContextFilter shows it.
         self._marker = names.trace_id or names.span_id
         self._cache: dict[int, tuple[object, dict[str, Any]]] = {}
-        self._placeholders = self._fields(None, {})
         self._reported = False
+        self._placeholders = self._fields(None, {})
 
     # The hot path: one get_current, one cache hit, one dict update.
     def filter(self, record: logging.LogRecord) -> bool:
@@ -271,10 +271,15 @@ class ContextFilter(logging.Filter):
     def _service(self) -> str:
         if self._service_name is not None:
             return self._service_name
-        resource = getattr(trace.get_tracer_provider(), "resource", None)
-        if resource is None:
-            return ""  # maybe no provider yet: look again on the next new context
-        self._service_name = _printable(str(resource.attributes.get("service.name") or ""))
+        try:
+            resource = getattr(trace.get_tracer_provider(), "resource", None)
+            if resource is None:
+                return ""  # maybe no provider yet: look again on the next new context
+            name = resource.attributes.get("service.name")
+        except Exception as exc:  # a provider of someone else's that fails: no service name
+            self._report(exc)
+            return ""
+        self._service_name = _printable(str(name or ""))
         return self._service_name
 
     def _report(self, exc: BaseException) -> None:
@@ -284,7 +289,8 @@ class ContextFilter(logging.Filter):
         self._reported = True
         with contextlib.suppress(Exception):  # stderr itself failing: nothing left to tell
             sys.stderr.write(
-                f"threadctx.ContextFilter: could not read the context ({type(exc).__name__}: {exc}); "
+                f"threadctx.ContextFilter: could not read the context "
+                f"({type(exc).__name__}: {_printable(str(exc))[:200]}); "
                 "records get placeholders. Reported once.\n"
             )
 

@@ -1,0 +1,188 @@
+"""Soak and churn: many threads, many records, many forks. CI runs the short form; `make soak` the long one.
+
+THREADCTX_SOAK=long selects the figures of the reliability page: 100,000 threads, 64 threads
+logging 10,000 records each, 200 forks. Each test prints what it ran (see `-s`).
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import logging.handlers
+import os
+import queue
+import re
+import threading
+import time
+import tracemalloc
+import warnings
+
+import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+import threadctx
+from threadctx import _storage
+
+LONG = os.environ.get("THREADCTX_SOAK") == "long"
+JOIN = 120
+pytestmark = pytest.mark.soak
+
+
+def span_context(number: int) -> otel_context.Context:
+    return trace.set_span_in_context(NonRecordingSpan(SpanContext(number, number, is_remote=False)))
+
+
+def work_once(number: int) -> None:
+    token = otel_context.attach(span_context(number + 1))
+    threadctx.bind(request_id=f"r-{number}")
+    threadctx.get_thread_storage()["n"] = number
+    otel_context.detach(token)
+
+
+def test_thread_churn_the_registry_keeps_only_live_threads_and_memory_is_flat(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    total = 100_000 if LONG else 4_000
+    batch = 50
+
+    def run(count: int) -> None:
+        for start in range(0, count, batch):
+            threads = [threading.Thread(target=work_once, args=(start + i,)) for i in range(batch)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(JOIN)
+
+    run(total // 10)  # warm-up: caches, free lists
+    gc.collect()
+    tracemalloc.start()
+    try:
+        run(total // 2)
+        gc.collect()
+        middle, _ = tracemalloc.get_traced_memory()
+        run(total // 2)
+        gc.collect()
+        end, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    live = {thread.ident for thread in threading.enumerate()}
+    registered = {ref().ident for ref in list(_storage._registry.values()) if ref() is not None}  # type: ignore[union-attr]
+    assert registered <= live, "the registry holds only live threads"
+    growth = end - middle
+    with capsys.disabled():
+        print(
+            f"\n  thread churn: {total + total // 10} threads; registry {len(registered)} entries; "
+            f"memory growth over the second half {growth / 1024:.1f} KiB"
+        )
+    assert growth < 256 * 1024, f"memory grew by {growth} bytes over {total // 2} threads"
+
+
+@pytest.mark.parametrize("through", ["one handler", "QueueHandler"])
+def test_many_threads_log_through_one_handler_and_no_line_is_misattributed(
+    through: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    threads, records = (64, 10_000) if LONG else (16, 500)
+    stream = io.StringIO()
+    target = logging.StreamHandler(stream)
+    target.setFormatter(logging.Formatter("%(trace_id)s %(request_id)s %(message)s"))
+    log = logging.getLogger(f"soak.{through}")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    listener = None
+    if through == "QueueHandler":
+        handler: logging.Handler = logging.handlers.QueueHandler(queue.SimpleQueue())
+        handler.addFilter(threadctx.ContextFilter())  # in the producing thread, as the docs say
+        listener = logging.handlers.QueueListener(handler.queue, target)  # type: ignore[attr-defined]
+        listener.start()
+    else:
+        target.addFilter(threadctx.ContextFilter())
+        handler = target
+    log.addHandler(handler)
+    barrier = threading.Barrier(threads)
+
+    def worker(number: int) -> None:
+        barrier.wait(JOIN)
+        for index in range(records):
+            with threadctx.bound(request_id=f"t{number}-{index % 7}"):
+                token = otel_context.attach(span_context(number * 1_000_000 + index % 7 + 1))
+                log.info("t%d-%d", number, index % 7)
+                otel_context.detach(token)
+
+    started = time.perf_counter()
+    pool = [threading.Thread(target=worker, args=(number,)) for number in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(JOIN)
+    if listener is not None:
+        listener.stop()
+    log.removeHandler(handler)
+    elapsed = time.perf_counter() - started
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == threads * records
+    wrong = 0
+    for line in lines:
+        trace_id, request_id, message = line.split(" ")
+        number, variant = (int(part) for part in re.fullmatch(r"t(\d+)-(\d+)", message).groups())  # type: ignore[union-attr]
+        expected_trace = format(number * 1_000_000 + variant + 1, "032x")
+        wrong += (trace_id, request_id) != (expected_trace, message)
+    with capsys.disabled():
+        print(
+            f"\n  {through}: {threads} threads x {records} records = {len(lines)} lines, "
+            f"{wrong} misattributed, {elapsed:.1f} s"
+        )
+    assert wrong == 0
+
+
+@pytest.mark.fork
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is not available on this platform")
+def test_repeated_forks_while_threads_work_every_child_is_usable(capsys: pytest.CaptureFixture[str]) -> None:
+    forks = 200 if LONG else 20
+    stop = threading.Event()
+
+    def busy(number: int) -> None:
+        while not stop.is_set():
+            work_once(number)
+
+    workers = [threading.Thread(target=busy, args=(number,)) for number in range(4)]
+    for worker in workers:
+        worker.start()
+    slowest = 0.0
+    try:
+        for attempt in range(forks):
+            with threadctx.bound(request_id=f"parent-{attempt}"):
+                started = time.monotonic()
+                with warnings.catch_warnings():
+                    # 3.12+ warns that forking a multi-threaded process may deadlock: that is the point.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+                if pid == 0:  # the child: attach, bind, storage, snapshot, a log line; then leave
+                    try:
+                        ok = threadctx.correlation() == {"request_id": f"parent-{attempt}"}
+                        work_once(attempt)
+                        ok = ok and len(threadctx.snapshot()) == 1
+                        record = logging.makeLogRecord({})
+                        ok = (
+                            ok
+                            and threadctx.ContextFilter().filter(record)
+                            and record.request_id == f"parent-{attempt}"
+                        )
+                    except BaseException:
+                        ok = False
+                    os._exit(0 if ok else 1)
+                _, status = os.waitpid(pid, 0)
+                slowest = max(slowest, time.monotonic() - started)
+                assert os.waitstatus_to_exitcode(status) == 0, f"child {attempt} failed"
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(JOIN)
+    with capsys.disabled():
+        print(
+            f"\n  forks: {forks} children forked while 4 threads worked; "
+            f"slowest child {slowest * 1000:.0f} ms"
+        )
