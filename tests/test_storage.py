@@ -422,3 +422,18 @@ def test_fork_while_other_threads_register_and_unregister() -> None:
         for thread in churners:
             thread.join(JOIN)
     assert codes == [0] * 20
+
+
+def test_a_dead_thread_whose_state_is_kept_alive_is_not_listed() -> None:
+    """Liveness comes from the thread's own local data, whoever else holds its state."""
+    held: list[Any] = []
+
+    def work() -> int:
+        threadctx.bind(request_id="gone")
+        held.append(_storage.current_state())
+        return threading.get_ident()
+
+    ident = run_in_thread(work)
+    assert held[0].ident == ident
+    assert held[0].alive() is None
+    assert [entry for entry in threadctx.snapshot() if entry.correlation.get("request_id") == "gone"] == []

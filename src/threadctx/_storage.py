@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Mapping
@@ -40,9 +39,11 @@ __all__ = [
 class _ThreadState:
     """What threadctx keeps for one thread."""
 
-    __slots__ = ("__weakref__", "context", "generation", "ident", "key", "native_id", "storage")
+    __slots__ = ("__weakref__", "alive", "context", "generation", "ident", "key", "native_id", "storage")
 
-    def __init__(self) -> None:
+    def __init__(self, alive: weakref.ref[_Alive]) -> None:
+        #: Returns None once the thread has ended (see ``_Local``).
+        self.alive = alive
         self.ident: int = threading.get_ident()
         self.native_id: int = threading.get_native_id()
         #: The OpenTelemetry context this thread attached last (a mirror of the
@@ -52,6 +53,12 @@ class _ThreadState:
         self.key: int = id(self)
         #: Orders states that share an ident (see ``_live_states``).
         self.generation: int = next(_generations)
+
+
+class _Alive:
+    """Lives exactly as long as its thread's ``threading.local`` data: a liveness marker."""
+
+    __slots__ = ("__weakref__",)
 
 
 _generations = itertools.count()
@@ -73,7 +80,10 @@ class _Local(threading.local):
     """Runs ``__init__`` once in each thread, on that thread's first access."""
 
     def __init__(self) -> None:
-        state = _ThreadState()
+        # The marker is referenced by this thread's local data only, so it dies
+        # when the thread ends, even if something else keeps the state alive.
+        self.alive = _Alive()
+        state = _ThreadState(weakref.ref(self.alive))
         key = state.key
         _registry[key] = weakref.ref(state, lambda ref: _forget(ref, key))
         self.state = state
@@ -175,14 +185,16 @@ def _describe(state: _ThreadState, context: Context | None, name: str) -> Thread
 
 
 def _live_states() -> list[_ThreadState]:
-    """One state per live thread; the newest state wins for a reused ident."""
-    # Idents of the threads running now. A set, not the dict's keys view: that
-    # would keep the frames, this one included, in a reference cycle.
-    live = set(sys._current_frames())
+    """One state per live thread; the newest state wins for a reused ident.
+
+    Liveness comes from each state's marker, not from ``sys._current_frames()``,
+    which materialises every thread's frames (costly, and it has crashed
+    CPython 3.11 under heavy thread churn).
+    """
     newest: dict[int, _ThreadState] = {}
     for ref in _registry.copy().values():  # copy(): atomic, so no lock needed
         state = ref()
-        if state is None or state.ident not in live:
+        if state is None or state.alive() is None:
             continue
         seen = newest.get(state.ident)
         # A state whose clean-up is still pending can share its ident with a
