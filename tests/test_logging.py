@@ -253,6 +253,8 @@ def test_instrument_logging_is_idempotent_reversible_and_covers_child_loggers() 
     assert handler.filters == [first]
     with pytest.raises(ValueError, match="other options"):
         threadctx.instrument_logging("ecs")
+    with pytest.raises(ValueError, match="other options"):
+        threadctx.instrument_logging(service_name="another")
     with threadctx.bound(request_id="child"):
         logging.getLogger("some.deep.child").info("stamped")
     threadctx.uninstrument_logging()

@@ -234,6 +234,15 @@ def test_bad_options_are_rejected_clearly() -> None:
         ContextMiddleware(lambda environ, start_response: [], name="request-id")
 
 
+def test_wrapping_opentelemetrys_middleware_warns_to_put_it_inside() -> None:
+    wsgi_instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.wsgi", reason="opentelemetry-instrumentation-wsgi is not installed"
+    )
+    inner = wsgi_instrumentation.OpenTelemetryMiddleware(lambda environ, start_response: [])
+    with pytest.warns(UserWarning, match=r"OpenTelemetryMiddleware\(ContextMiddleware\(app\)\)"):
+        ContextMiddleware(inner)
+
+
 def test_inside_opentelemetrys_wsgi_middleware(
     serve: Callable[[WSGIApplication], int],
     lines: Lines,

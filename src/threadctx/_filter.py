@@ -178,6 +178,7 @@ class ContextFilter(logging.Filter):
         self.prefix = prefix
         self.stamp_correlation = correlation
         self.project_id = project_id
+        self.service_name = service_name
         self._service_name = _printable(service_name) if service_name is not None else None
         # Where a record already stamped by a ContextFilter shows it.
         self._marker = names.trace_id or names.span_id
@@ -202,7 +203,14 @@ class ContextFilter(logging.Filter):
 
     def _options(self) -> tuple[object, ...]:
         """What decides the fields this filter writes (for instrument_logging's comparison)."""
-        return (self.preset, self.names, self.prefix, self.stamp_correlation, self.project_id)
+        return (
+            self.preset,
+            self.names,
+            self.prefix,
+            self.stamp_correlation,
+            self.project_id,
+            self.service_name,
+        )
 
     def fields(self, context: object | None = None) -> dict[str, Any]:
         """The attributes this filter would stamp for ``context`` (default: the current one).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,13 @@ class ContextMiddleware:
         validate(name, "")
         if not re.fullmatch(r"[A-Za-z0-9-]+", header):
             raise ValueError(f"header must be an HTTP header name, not {header!r}")
+        if type(app).__module__.startswith("opentelemetry.instrumentation.wsgi"):
+            warnings.warn(
+                "ContextMiddleware wraps OpenTelemetryMiddleware: correlation IDs are lost for "
+                "requests without a traceparent. Put it inside instead: "
+                "OpenTelemetryMiddleware(ContextMiddleware(app))",
+                stacklevel=2,
+            )
         self.app = app
         self.header = header
         self.name = name
