@@ -70,6 +70,8 @@ def test_a_signal_handler_that_logs_while_the_thread_is_inside_threadctx(
     loops = 0
     try:
         while not done.is_set():
+            # A bound: this test replaces pytest-timeout's SIGALRM, so nothing else would stop it.
+            assert loops < 2_000_000, f"only {fired} of {wanted} alarms arrived"
             with threadctx.bound(request_id=f"r{loops}"):
                 token = otel_context.attach(span_context(loops + 1))
                 log.info("main %d", loops)

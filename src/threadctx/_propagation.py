@@ -188,6 +188,25 @@ def _valid_ids(pairs: Mapping[str, object]) -> dict[str, str]:
     return ids
 
 
+def encode_ids(ids: Mapping[str, str]) -> str:
+    """Correlation IDs as one header value, in W3C baggage syntax (values percent-encoded)."""
+    return ",".join(f"{name}={quote(value, safe='')}" for name, value in ids.items())
+
+
+def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[str, str]:
+    """What :func:`encode_ids` wrote, validated; invalid members are dropped and counted.
+
+    With ``allowed``, names not in it are ignored.
+    """
+    pairs: dict[str, object] = {}
+    if isinstance(header, str):
+        for member in header.split(","):
+            name, sep, value = member.partition("=")
+            if sep and (allowed is None or name in allowed):
+                pairs[name] = unquote(value)
+    return _valid_ids(pairs)
+
+
 def _propagator_sends_baggage() -> bool:
     return _BAGGAGE in otel_propagate.get_global_textmap().fields
 
@@ -312,7 +331,7 @@ def process_carrier(context: Context | None = None) -> dict[str, str]:
     _W3C_BAGGAGE.inject(carrier, context=context, setter=default_setter)
     ids = correlation(context)
     if ids:
-        carrier[_PROCESS_IDS] = ",".join(f"{name}={quote(value, safe='')}" for name, value in ids.items())
+        carrier[_PROCESS_IDS] = encode_ids(ids)
     return carrier
 
 
@@ -321,9 +340,4 @@ def process_context(carrier: Mapping[str, str]) -> Context:
     cutting = _CuttingGetter(default_getter)
     context = _TRACE.extract(carrier, context=Context(), getter=cutting)
     context = _W3C_BAGGAGE.extract(carrier, context=context, getter=cutting)
-    pairs: dict[str, object] = {}
-    for member in carrier.get(_PROCESS_IDS, "").split(","):
-        name, sep, value = member.partition("=")
-        if sep:
-            pairs[name] = unquote(value)
-    return _with_ids(_valid_ids(pairs), context)
+    return _with_ids(decode_ids(carrier.get(_PROCESS_IDS)), context)

@@ -27,7 +27,6 @@ import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
-from urllib.parse import quote, unquote
 
 from celery import Celery, signals
 from celery.app.task import Task
@@ -37,7 +36,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.propagators.textmap import Getter
 
 from threadctx._correlation import correlation, merged
-from threadctx._propagation import _valid_ids, extract, propagated
+from threadctx._propagation import _valid_ids, decode_ids, encode_ids, extract, propagated
 
 __all__ = ["HEADER", "instrument", "is_instrumented", "uninstrument"]
 
@@ -75,7 +74,7 @@ def _on_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
     allowed = propagated()
     ids = {name: value for name, value in correlation().items() if name in allowed}
     if ids:
-        headers[HEADER] = ",".join(f"{name}={quote(value, safe='')}" for name, value in ids.items())
+        headers[HEADER] = encode_ids(ids)
 
 
 def _task_context(task: Task[Any, Any]) -> otel_context.Context:
@@ -86,14 +85,7 @@ def _task_context(task: Task[Any, Any]) -> otel_context.Context:
     # task span (its instrumentation ran first): keep that span. An eager task
     # runs in its caller's context, which already holds the caller's IDs.
     context = current if has_span or request.is_eager else extract(request, context=current, getter=_GETTER)
-    pairs: dict[str, object] = {}
-    header = getattr(request, HEADER, None)
-    if isinstance(header, str) and not request.is_eager:
-        for member in header.split(","):
-            name, sep, value = member.partition("=")
-            if sep and name in propagated():
-                pairs[name] = unquote(value)
-    ids = _valid_ids(pairs)
+    ids = {} if request.is_eager else decode_ids(getattr(request, HEADER, None), propagated())
     if request.id:
         ids["task_id"] = str(request.id)
     ids["task_name"] = str(task.name)
