@@ -49,4 +49,4 @@ bench: $(VENV)/.installed  ## writes docs/benchmarks.md
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache docs/_build
+	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build
