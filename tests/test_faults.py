@@ -61,7 +61,9 @@ def test_a_signal_handler_that_logs_while_the_thread_is_inside_threadctx(
         nonlocal fired
         fired += 1
         log.info("alarm %d", fired)  # whatever context the interrupted code had attached
-        if fired == wanted:
+        # ">=", not "==": a handler can itself be interrupted by the next alarm, and the two
+        # may step over the exact count (this test once ran away on "==").
+        if fired >= wanted:
             signal.setitimer(signal.ITIMER_REAL, 0)
             done.set()
 
@@ -85,7 +87,7 @@ def test_a_signal_handler_that_logs_while_the_thread_is_inside_threadctx(
     main = [line for line in output if " main " in line]
     alarms = [line for line in output if " alarm " in line]
     assert len(main) == loops
-    assert len(alarms) == wanted
+    assert len(alarms) >= wanted, "every alarm logged its line"
     for line in main:  # lines of the interrupted code keep their own ids
         trace_id, _, request_id, _, number = line.split(" ")
         assert (trace_id, request_id) == (format(int(number) + 1, "032x"), f"r{number}"), line
