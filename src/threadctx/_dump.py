@@ -14,7 +14,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import IO, Any
 
-from threadctx._storage import _describe, live_states
+from threadctx._storage import _describe, known_threads, live_states
 
 __all__ = ["dump", "install_dump_signal"]
 
@@ -60,7 +60,7 @@ def dump(*, frames: int = 8, source: bool = True) -> str:
     if frames < 0:
         raise ValueError(f"frames must be 0 or more, not {frames}")
     current = sys._current_frames()
-    threads = threading._active.copy()  # type: ignore[attr-defined] # enumerate() would take a lock
+    threads = known_threads()
     states = live_states()
     me = threading.get_ident()
     lines = [

@@ -51,7 +51,7 @@ class _ThreadState:
         self.context: Context | None = None
         self.storage: dict[str, Any] | None = None
         self.key: int = id(self)
-        #: Orders states that share an ident (see ``_live_states``).
+        #: Orders states that share an ident (see ``live_states``).
         self.generation: int = next(_generations)
 
 
@@ -184,8 +184,8 @@ def _describe(state: _ThreadState, context: Context | None, name: str) -> Thread
     )
 
 
-def _live_states() -> list[_ThreadState]:
-    """One state per live thread; the newest state wins for a reused ident.
+def live_states() -> dict[int, _ThreadState]:
+    """The state of each live thread that has one, by ident; the newest wins for a reused ident.
 
     Liveness comes from each state's marker, not from ``sys._current_frames()``,
     which materialises every thread's frames (costly, and it has crashed
@@ -201,22 +201,17 @@ def _live_states() -> list[_ThreadState]:
         # newer thread: keep the one created last (the higher generation).
         if seen is None or state.generation > seen.generation:
             newest[state.ident] = state
-    return list(newest.values())
+    return newest
 
 
-def _thread_names() -> dict[int | None, str]:
-    """Names of the threads ``threading`` knows, without taking its lock.
+def known_threads() -> dict[int, threading.Thread]:
+    """The threads ``threading`` knows, by ident, without taking its lock.
 
     ``threading.enumerate()`` takes a lock that an interrupted thread may
     hold, which would deadlock a signal handler; a copy of the dict it reads
     is atomic.
     """
-    return {ident: thread.name for ident, thread in threading._active.copy().items()}  # type: ignore[attr-defined]
-
-
-def live_states() -> dict[int, _ThreadState]:
-    """The registry entry of each live thread that has one, by ident."""
-    return {state.ident: state for state in _live_states()}
+    return threading._active.copy()  # type: ignore[attr-defined,no-any-return]
 
 
 def snapshot() -> list[ThreadSnapshot]:
@@ -232,14 +227,15 @@ def snapshot() -> list[ThreadSnapshot]:
     # Imported here for the same reason as in _describe.
     from opentelemetry import context as otel_context
 
-    names = _thread_names()
+    threads = known_threads()
     me = threading.get_ident()
     result = []
-    for state in _live_states():
+    for state in live_states().values():
         context = otel_context.get_current() if state.ident == me else state.context
         if context is None and state.storage is None:
             continue
-        name = names.get(state.ident, f"<thread {state.ident}>")
+        thread = threads.get(state.ident)
+        name = thread.name if thread is not None else f"<thread {state.ident}>"
         result.append(_describe(state, context, name))
     result.sort(key=lambda entry: entry.thread_id)
     return result
