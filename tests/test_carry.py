@@ -156,7 +156,9 @@ def test_a_generators_return_value_reaches_yield_from() -> None:
 
 
 @pytest.mark.parametrize("decorate", DECORATORS.values(), ids=DECORATORS.keys())
-def test_an_async_generator_has_its_ids_in_every_step_and_the_consumer_keeps_its_own(decorate: Decorate) -> None:
+def test_an_async_generator_has_its_ids_in_every_step_and_the_consumer_keeps_its_own(
+    decorate: Decorate,
+) -> None:
     async def steps() -> AsyncIterator[dict[str, str]]:
         yield ids()
         threadctx.bind(step="two")
