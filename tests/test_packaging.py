@@ -29,7 +29,8 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_carries_the_license_and_its_metadata_names_it(dist: Path) -> None:
     license_text = (ROOT / "LICENSE").read_text()
-    assert "Apache License" in license_text and "Version 2.0" in license_text
+    assert "Apache License" in license_text
+    assert "Version 2.0" in license_text
     (wheel,) = dist.glob("threadctx-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
