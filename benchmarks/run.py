@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import bench_context, bench_logging
+from benchmarks import bench_context, bench_logging, bench_service
 from benchmarks.harness import table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -41,6 +41,9 @@ def main() -> None:
         for title, rows, target in results:
             out += [table(title, rows, target=target)]
             print(table(title, rows, target=target))
+    service = bench_service.table(bench_service.run_all())
+    print(service)
+    out += ["## A request through a real service", "", service]
     DOC.write_text("\n".join(out))
     print(f"wrote {DOC}")
 
