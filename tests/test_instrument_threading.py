@@ -20,6 +20,11 @@ ORIGINAL_START = threading.Thread.start
 ORIGINAL_SUBMIT = ThreadPoolExecutor.submit
 
 State = tuple[int | None, dict[str, str]]
+NOTHING: State = (None, {})
+
+#: Python 3.14's thread_inherit_context: a new thread starts in a copy of the
+#: context of the code that called start(), with or without threadctx.
+INHERITS = bool(getattr(sys.flags, "thread_inherit_context", 0))
 
 
 def state() -> State:
@@ -76,7 +81,13 @@ def in_thread(kind: str) -> State:
 
 
 def in_pool(kind: str) -> State:
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    """Run ``state`` on a pool whose worker was started outside the caller's context."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        token = otel_context.attach(otel_context.Context())
+        try:
+            pool.submit(state).result(JOIN)  # the worker starts here, in an empty context
+        finally:
+            otel_context.detach(token)
         if kind == "submit":
             return pool.submit(state).result(JOIN)
         if kind == "map":
@@ -88,6 +99,12 @@ def in_pool(kind: str) -> State:
         return asyncio.run(main())
 
 
+def uncarried(runner: str, caller: State) -> State:
+    """What ``runner`` sees without any instrumentation: a new thread inherits only under the 3.14 flag."""
+    return caller if INHERITS and runner in THREAD_RUNNERS else NOTHING
+
+
+THREAD_RUNNERS = {"Thread", "Timer", "Thread subclass with its own run"}
 RUNNERS: dict[str, Callable[[], State]] = {
     "Thread": lambda: in_thread("thread"),
     "Timer": lambda: in_thread("timer"),
@@ -100,11 +117,11 @@ RUNNERS: dict[str, Callable[[], State]] = {
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_instrumented_threads_and_tasks_run_in_the_creators_context(caller: State, runner: str) -> None:
-    assert RUNNERS[runner]() == (None, {}), "without instrumentation the context does not cross"
+    assert RUNNERS[runner]() == uncarried(runner, caller), "without instrumentation it does not cross"
     threadctx.instrument_threading()
     assert RUNNERS[runner]() == caller
     threadctx.uninstrument_threading()
-    assert RUNNERS[runner]() == (None, {})
+    assert RUNNERS[runner]() == uncarried(runner, caller)
 
 
 def test_run_in_executor_on_the_default_executor_carries_the_context(caller: State) -> None:
@@ -175,12 +192,12 @@ def test_beside_opentelemetrys_threading_instrumentor(caller: State, order: str)
     for name, runner in RUNNERS.items():
         if name == "Thread subclass with its own run":
             # OpenTelemetry wraps Thread.run on the class: an override escapes it.
-            assert runner() == (None, {})
+            assert runner() == uncarried(name, caller)
         else:
             assert runner() == caller, "OpenTelemetry's instrumentor still carries the context"
     instrumentor.uninstrument()
-    assert in_thread("thread") == (None, {})
-    assert in_pool("submit") == (None, {})
+    assert in_thread("thread") == uncarried("Thread", caller)
+    assert in_pool("submit") == NOTHING
     threadctx.instrument_threading()
     assert in_thread("subclass") == caller
     assert in_pool("submit") == caller
@@ -281,8 +298,8 @@ def test_any_order_beside_opentelemetrys_instrumentor_ends_with_nothing_patched(
     if on:
         assert in_pool("submit") == caller, f"{on} still on: the context is carried"
     else:
-        assert in_pool("submit") == (None, {}), "both off: nothing carries the context"
-        assert in_thread("thread") == (None, {})
+        assert in_pool("submit") == NOTHING, "both off: nothing carries the context"
+        assert in_thread("thread") == uncarried("Thread", caller)
     if "threadctx" in on:
         threadctx.uninstrument_threading()
     if "OpenTelemetry" in on:
@@ -299,6 +316,6 @@ def test_any_order_beside_opentelemetrys_instrumentor_ends_with_nothing_patched(
             assert len(layers) == 1, f"{owner.__name__}.{name} is still wrapped: {layers}"
     assert threading.Thread.start is ORIGINAL_START
     assert ThreadPoolExecutor.submit is ORIGINAL_SUBMIT
-    assert in_pool("submit") == (None, {})
-    assert in_thread("thread") == (None, {})
-    assert in_thread("timer") == (None, {})
+    assert in_pool("submit") == NOTHING
+    assert in_thread("thread") == uncarried("Thread", caller)
+    assert in_thread("timer") == uncarried("Timer", caller)
