@@ -187,14 +187,19 @@ def instrument(app: Celery) -> None:
 
     On the publishing side the headers are added to every task message the
     process sends while any app is instrumented.  On the worker (any pool:
-    threads, prefork, solo...), the body of each task of ``app`` runs with
-    the publisher's span as its parent (or under OpenTelemetry's task span
-    when its instrumentation is on), the allowlisted correlation IDs bound,
-    and ``task_id`` and ``task_name`` bound; invalid incoming values are
-    dropped and counted in :func:`threadctx.propagation_stats`.  The thread
-    is left as it was after each task.
+    threads, prefork, solo...), each task of ``app`` executes with the
+    publisher's span as its parent (from the body on, under OpenTelemetry's
+    task span when its instrumentation is on), the allowlisted correlation
+    IDs bound, and ``task_id`` and ``task_name`` bound; invalid incoming
+    values are dropped and counted in :func:`threadctx.propagation_stats`.
+    That is the whole execution: the ``task_prerun`` handlers, the body, the
+    next step of a chain and the ``link=``/``link_error=`` callbacks it
+    publishes, ``on_success``/``on_failure`` and the other signal handlers.
+    The thread is left as it was after each task.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       The whole execution, not only the body.
     """
     global _original_call, _original_build_tracer  # noqa: PLW0603 - one process-wide patch
     with _lock:
