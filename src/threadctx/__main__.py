@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.pid <= 0:
-        parser.error(f"PID must be a positive process id, not {args.pid}")
+        dump.error(f"PID must be a positive process id, not {args.pid}")
     try:
         report = dump_command(args.pid, args.signal, args.timeout, args.force)
     except CommandError as error:
