@@ -13,7 +13,6 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -22,7 +21,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import threadctx
 
 JOIN = 30
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 needs_sigusr1 = pytest.mark.skipif(
     not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform"
 )
@@ -189,42 +187,6 @@ def test_a_signal_while_the_interrupted_thread_holds_locks_does_not_deadlock() -
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["stderr report written", "log report queued", "logged"]
     assert result.stderr.endswith("end of threadctx dump\n")
-
-
-@needs_sigusr1
-def test_stuck_pool_example_shows_the_stuck_worker_to_an_operator() -> None:
-    """The example waits; the operator sends SIGUSR1 from outside, reads the report, presses Enter."""
-    env = {**os.environ, "OTEL_PYTHON_CONTEXT": "threadctx"}
-    with subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "stuck_pool.py")],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        assert process.stdin
-        assert process.stdout
-        assert process.stderr
-        try:
-            prompt = process.stdout.readline()
-            assert f"pid {process.pid}: order o1 is stuck" in prompt
-            os.kill(process.pid, signal.SIGUSR1)
-            report = ""
-            while not report.endswith("end of threadctx dump\n"):
-                line = process.stderr.readline()
-                assert line, f"the process ended before its report was complete: {report}"
-                report += line
-            process.stdin.write("\n")
-            process.stdin.flush()
-            assert process.wait(JOIN) == 0
-        finally:
-            process.kill()
-    stuck = [part for part in report.split("\n\n") if "request_id=req-o1" in part]
-    assert len(stuck) == 1, report
-    assert 'span_name="order o1"' in stuck[0]
-    assert "in charge_card" in stuck[0]
-    assert report.count("correlation:") == 1, "o0 and o2 are done: their workers hold no request"
 
 
 def test_snapshot_and_dump_say_since_when_each_thread_serves_its_span(
