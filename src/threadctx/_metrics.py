@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -58,7 +59,8 @@ def instrument_metrics(meter_provider: metrics.MeterProvider | None = None) -> N
     with _lock:
         if provider in _instrumented:
             return
-        _instrumented.add(provider)
+        with contextlib.suppress(TypeError):  # a provider without weak references: no memory of it
+            _instrumented.add(provider)
     from threadctx import __version__
 
     meter = provider.get_meter("threadctx", __version__)
