@@ -207,10 +207,8 @@ def _warn_if_foreign_runtime(stacklevel: int = 2) -> None:
     )
 
 
-def _describe(
-    state: _ThreadState, context: Context | None, name: str, now: float | None = None
-) -> ThreadSnapshot:
-    """Describe one thread whose current context is ``context``; ``now`` is ``time.time()`` by default."""
+def _describe(state: _ThreadState, context: Context | None, name: str) -> ThreadSnapshot:
+    """Describe one thread whose current context is ``context``."""
     trace_id = span_id = span_name = None
     started_at = elapsed = None
     correlation: Mapping[str, str] = _EMPTY
@@ -230,7 +228,7 @@ def _describe(
             start_ns = getattr(span, "start_time", None)  # SDK spans: nanoseconds since the epoch
             if isinstance(start_ns, int) and start_ns > 0:
                 started_at = start_ns / 1e9
-                elapsed = max(0.0, (time.time() if now is None else now) - started_at)
+                elapsed = max(0.0, time.time() - started_at)
         correlation = correlation_of(context)
     return ThreadSnapshot(
         thread_id=state.ident,
