@@ -26,6 +26,8 @@ The process must have called threadctx.install_dump_signal() and run as the same
 The command leaves a request in a directory that only this user can enter
 (${RUNTIME_DIR_ENV}, else /run/user/UID/threadctx, else /tmp/threadctx-UID), sends the
 signal, and prints the report the process writes there (mode 0600).
+
+Example: python -m threadctx dump 41200
 """
 
 _POLL = 0.02
