@@ -76,8 +76,8 @@ class Stuck:
         self.thread.join(JOIN)
 
 
-def in_span(provider: TracerProvider, name: str, **ids: str) -> Callable[[], AbstractContextManager[Any]]:
-    def enter() -> AbstractContextManager[Any]:
+def in_span(provider: TracerProvider, name: str, **ids: str) -> Callable[[], ExitStack]:
+    def enter() -> ExitStack:
         stack = ExitStack()
         stack.enter_context(provider.get_tracer("t").start_as_current_span(name))
         stack.enter_context(threadctx.bound(**ids))
@@ -188,6 +188,25 @@ def test_threads_ending_while_it_looks_do_not_stop_it(
             stuck.stop()
         assert watchdog.running
     assert "a look failed" not in capfd.readouterr().err
+
+
+def test_it_reports_a_thread_that_holds_threadings_own_lock(
+    tracer_provider: TracerProvider, records: Records
+) -> None:
+    """The stuck thread holds the lock threading.enumerate() takes: the watchdog never needs it."""
+
+    def enter() -> AbstractContextManager[Any]:
+        stack = in_span(tracer_provider, "holds the lock", request_id="r-lock")()
+        stack.enter_context(threading._active_limbo_lock)  # type: ignore[attr-defined]
+        return stack
+
+    with threadctx.start_watchdog(threshold=THRESHOLD, interval=INTERVAL, logger="test.watchdog"):
+        stuck = Stuck("holder", enter)  # no thread may start while it holds the lock
+        try:
+            (record,) = records.wait_for(lambda records: len(records) >= 1)
+        finally:
+            stuck.stop()
+    assert record.request_id == "r-lock"  # type: ignore[attr-defined]
 
 
 def test_stop_and_the_context_manager_end_the_thread() -> None:
