@@ -162,8 +162,11 @@ def test_no_such_process(runtime_dir: Path) -> None:
 def test_a_process_of_another_user(runtime_dir: Path) -> None:
     """As root: the command drops to nobody and asks this process; otherwise it asks init (root's)."""
     if os.getuid() == 0:
+        # Everything imported first: as nobody, the interpreter can't read root's files any more
+        # (argparse's gettext would import locale late, on some versions).
         code = (
-            "import os, sys\nfrom threadctx.__main__ import main\n"
+            "import argparse, gettext, locale, os, shutil, sys, textwrap\n"
+            "from threadctx.__main__ import main\n"
             f"os.setgid(65534); os.setuid(65534)\nsys.exit(main(['dump', '{os.getpid()}']))\n"
         )
         result = subprocess.run(
