@@ -220,7 +220,10 @@ def test_stop_and_the_context_manager_end_the_thread() -> None:
     assert not watchdog.running
     assert watchdog_threads() == []
     watchdog.stop()  # again: nothing happens
+    first = threadctx.start_watchdog(threshold=60)
     other = threadctx.start_watchdog(threshold=8)
+    assert not first.running, "one watchdog per process: the second replaces the first"
+    assert len(watchdog_threads()) == 1
     assert (other.interval, other.logger.name) == (2.0, "threadctx.watchdog")
     other.stop()
     assert not other.running
@@ -321,6 +324,8 @@ def test_after_fork_the_child_runs_it_once_and_it_reports_there() -> None:
         if pid == 0:
             child_pid = os.getpid()
             print("child", watchdogs(), flush=True)
+            watchdog = threadctx.start_watchdog(threshold=0.2, interval=0.01)  # a post-fork hook's
+            print("child", watchdogs(), flush=True)
             release = threading.Event()
             def serve():
                 with tracer.start_as_current_span("in the child"), threadctx.bound(request_id="r-child"):
@@ -340,6 +345,7 @@ def test_after_fork_the_child_runs_it_once_and_it_reports_there() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
+        "child 1",
         "child 1",
         "True r-child",
         "child stopped True 0",

@@ -230,8 +230,9 @@ def start_watchdog(
     Nothing runs on the request path: the watchdog reads the registry that
     :func:`snapshot` reads, takes no lock a request thread may hold (until
     it logs, through your handlers), and copes with threads ending while it
-    looks.  It stops at interpreter exit; in a child created by ``fork`` it
-    runs again, once.
+    looks.  A process runs one watchdog: calling this again stops the
+    running one first.  It stops at interpreter exit; in a child created by
+    ``fork`` it runs again, once.
 
     Returns:
         The :class:`Watchdog`; its :meth:`~Watchdog.stop` ends it.
@@ -250,4 +251,6 @@ def start_watchdog(
     _warn_if_foreign_runtime()
     if logger is None or isinstance(logger, str):
         logger = logging.getLogger(logger or "threadctx.watchdog")
+    for running in _running[:]:  # one per process: this one replaces it
+        running.stop()
     return Watchdog(float(threshold), float(interval), logger)
