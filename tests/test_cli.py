@@ -238,3 +238,21 @@ def test_the_runtime_directory_must_be_private(tmp_path: Path, monkeypatch: pyte
         _dump.check_private_dir(str(tmp_path / "missing"), create=False)
     _dump.check_private_dir(str(tmp_path / "new"), create=True)
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+
+
+def test_a_request_in_a_directory_others_can_enter_is_ignored(runtime_dir: Path) -> None:
+    """Someone else could have put it there: the report goes where it was installed to go."""
+    runtime_dir.mkdir(0o700)
+    runtime_dir.chmod(0o777)
+    request = Path(_dump.request_path(str(runtime_dir), os.getpid()))
+    request.touch()
+    read_end, write_end = os.pipe()
+    previous = threadctx.install_dump_signal(file=write_end)
+    try:
+        signal.raise_signal(signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        assert pipe.read().endswith("end of threadctx dump\n")
+    assert sorted(path.name for path in runtime_dir.iterdir()) == [request.name], "no report written there"

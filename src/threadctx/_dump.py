@@ -222,12 +222,12 @@ def _answer_request(frames: int) -> bool:
         return False
     try:
         directory = runtime_dir()
+        check_private_dir(directory, create=False)  # a request counts only in a directory of ours
         pid = os.getpid()
         os.unlink(request_path(directory, pid))  # claims the request: one answer per request
-    except OSError:
+    except (OSError, RuntimeDirError):
         return False  # not asked (the usual case)
     try:
-        check_private_dir(directory, create=False)
         final = report_path(directory, pid)
         partial = final + ".partial"
         for stale in (partial, final):
@@ -239,8 +239,8 @@ def _answer_request(frames: int) -> bool:
         finally:
             os.close(fd)
         os.rename(partial, final)  # the command sees the whole report or nothing
-    except (OSError, RuntimeDirError):
-        return False  # the command times out and says why it may have
+    except OSError:
+        return False  # the report goes where it would without a request; the command says it got none
     return True
 
 
