@@ -101,3 +101,21 @@ def test_the_logging_pages_output_blocks_are_what_its_program_prints(tmp_path: P
     result = run_page(page, tmp_path)
     assert result.returncode == 0, result.stderr
     assert masked(result.stdout) == masked(expected)
+
+
+def test_the_operations_page_prints_what_it_shows(tmp_path: Path) -> None:
+    """The watchdog's line, the metric and the dump's order are what the page's output blocks show."""
+    page = (DOCS / "operations.md").read_text()
+    result = run_page(DOCS / "operations.md", tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = re.findall(r"^```text\n(.*?)^```$", page, re.M | re.S)
+    printed = masked(result.stdout)
+    (warning,) = [block for block in shown if block.startswith("WARNING req-17")]
+    assert masked(warning) in printed
+    assert "busy threads: 1\n" in shown
+    assert "busy threads: 1\n" in result.stdout
+    (report,) = [block for block in shown if block.startswith("threadctx dump: 2 threads")]
+    for part in (report, result.stdout):
+        assert re.findall(r'^Thread "([^"]+)"', part, re.M) == ["worker-7", "MainThread"]
+        assert re.search(r"^  started_at=\S+Z elapsed=\d+\.\d{3}s$", part, re.M)
+        assert "in charge_card\n      release.wait(30)" in part

@@ -10,16 +10,17 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
+import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import threadctx
 
 JOIN = 30
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 needs_sigusr1 = pytest.mark.skipif(
     not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform"
 )
@@ -66,7 +67,8 @@ def block(report: str, name: str) -> str:
 
 def test_dump_describes_every_thread_with_its_context_and_stack(busy_threads: None) -> None:
     report = threadctx.dump()
-    assert report.startswith(f"threadctx dump: {threading.active_count()} threads in process {os.getpid()} ")
+    listed = len(re.findall(r"^Thread ", report, re.M))
+    assert report.startswith(f"threadctx dump: {listed} threads in process {os.getpid()} ")
     assert report.endswith("end of threadctx dump\n")
     worker = block(report, "pool_0")
     assert re.search(r"trace_id=[0-9a-f]{32} span_id=[0-9a-f]{16} span_name=\"stuck order\"", worker)
@@ -187,37 +189,142 @@ def test_a_signal_while_the_interrupted_thread_holds_locks_does_not_deadlock() -
     assert result.stderr.endswith("end of threadctx dump\n")
 
 
+def test_snapshot_and_dump_say_since_when_each_thread_serves_its_span(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """started_at is the SDK span's start; busy threads come first, the oldest first, whatever their names."""
+    tracer = tracer_provider.get_tracer("t")
+    release = threading.Event()
+    entered = {name: threading.Event() for name in ("z-old", "a-new")}
+
+    def serve(name: str) -> None:
+        with tracer.start_as_current_span(f"span of {name}"):
+            entered[name].set()
+            release.wait(JOIN)
+
+    threads = [threading.Thread(target=serve, args=(name,), name=name) for name in entered]
+    threads[0].start()
+    assert entered["z-old"].wait(JOIN)
+    threads[1].start()  # its span starts after z-old's
+    assert entered["a-new"].wait(JOIN)
+    try:
+        before = time.time()
+        entries = {entry.name: entry for entry in threadctx.snapshot()}
+        report = threadctx.dump(frames=0)
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(JOIN)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    for name in entered:
+        entry = entries[name]
+        start_time = spans[f"span of {name}"].start_time
+        assert start_time is not None
+        assert entry.span_started_at == start_time / 1e9
+        assert entry.elapsed is not None
+        assert 0 <= entry.elapsed <= time.time() - entry.span_started_at
+        assert entry.elapsed >= before - entry.span_started_at
+        since = r"^  started_at=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z elapsed=\d+\.\d{3}s$"
+        assert re.search(since, block(report, name), re.M)
+    headers = re.findall(r'^Thread "([^"]*)"', report, re.M)
+    assert headers[:2] == ["z-old", "a-new"], headers
+    assert "started_at" not in block(report, "MainThread"), "no span: no start"
+
+
+def test_dump_escapes_correlation_values_so_none_forges_a_thread(busy_threads: None) -> None:
+    """A value with a line feed, set through the OpenTelemetry context (not bind()), stays on its line."""
+    from opentelemetry import context as otel_context
+
+    from threadctx._correlation import CORRELATION_KEY
+
+    forged = 'x\nThread "forged" ident=1\n\x1b[2Jy'
+    token = otel_context.attach(otel_context.set_value(CORRELATION_KEY, {"request_id": forged, "k\nk": "v"}))
+    try:
+        report = threadctx.dump(frames=0)
+    finally:
+        otel_context.detach(token)
+    assert 'Thread "forged"' not in report.replace('\\nThread "forged"', "")
+    assert not re.search(r'^Thread "forged"', report, re.M)
+    assert "\x1b" not in report
+    escaped = 'correlation: request_id=x\\nThread "forged" ident=1\\n\\x1b[2Jy k\\nk=v'
+    assert escaped in block(report, "MainThread")
+
+
 @needs_sigusr1
-def test_stuck_pool_example_shows_the_stuck_worker_to_an_operator() -> None:
-    """The example waits; the operator sends SIGUSR1 from outside, reads the report, presses Enter."""
-    env = {**os.environ, "OTEL_PYTHON_CONTEXT": "threadctx"}
-    with subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "stuck_pool.py")],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        assert process.stdin
-        assert process.stdout
-        assert process.stderr
-        try:
-            prompt = process.stdout.readline()
-            assert f"pid {process.pid}: order o1 is stuck" in prompt
-            os.kill(process.pid, signal.SIGUSR1)
-            report = ""
-            while not report.endswith("end of threadctx dump\n"):
-                line = process.stderr.readline()
-                assert line, f"the process ended before its report was complete: {report}"
-                report += line
-            process.stdin.write("\n")
-            process.stdin.flush()
-            assert process.wait(JOIN) == 0
-        finally:
-            process.kill()
-    stuck = [part for part in report.split("\n\n") if "request_id=req-o1" in part]
-    assert len(stuck) == 1, report
-    assert 'span_name="order o1"' in stuck[0]
-    assert "in charge_card" in stuck[0]
-    assert report.count("correlation:") == 1, "o0 and o2 are done: their workers hold no request"
+def test_install_dump_signal_again_replaces_it_one_thread_one_fork_hook() -> None:
+    """Three installs with a logger: one dump thread, in the process and in a forked child; none listed."""
+    code = textwrap.dedent(
+        """
+        import os, re, signal, sys, threading, warnings
+        import threadctx
+
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork in a multi-threaded process (3.12+)
+        for _ in range(3):
+            threadctx.install_dump_signal(signal.SIGUSR1, logger="dumps")
+
+        def dump_threads():
+            return sum(thread.name == "threadctx-dump" for thread in threading.enumerate())
+
+        report = threadctx.dump(frames=0)
+        listed = len(re.findall(r"^Thread ", report, re.M))
+        print("parent", dump_threads(), listed, report.split()[2], "threadctx-dump" in report)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            print("child", dump_threads(), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    parent, child = result.stdout.splitlines()
+    _, threads, listed, counted, shows_itself = parent.split()
+    assert threads == "1"
+    assert counted == listed, "the header counts the threads it lists (its own dump thread is not)"
+    assert shows_itself == "False"
+    assert child == "child 1"
+
+
+def test_snapshot_dump_and_signal_warn_once_on_another_runtime_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On OpenTelemetry's default runtime context: one RuntimeWarning, then silence; the report says it."""
+    from opentelemetry import context as otel_context
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+    from threadctx import _storage
+
+    monkeypatch.setattr(_storage, "_warned_foreign_runtime", False)
+    monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", ContextVarsRuntimeContext())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threadctx.snapshot()
+        report = threadctx.dump(frames=0)
+        threadctx.snapshot()
+    assert [(w.category, w.filename) for w in caught] == [(RuntimeWarning, __file__)]
+    assert "runtime context is ContextVarsRuntimeContext, not threadctx's" in str(caught[0].message)
+    assert "OTEL_PYTHON_CONTEXT=threadctx" in str(caught[0].message)
+    assert report.splitlines()[1].startswith(
+        "note: the runtime context is ContextVarsRuntimeContext, not threadctx's"
+    )
+    for call in (lambda: threadctx.dump(frames=0), lambda: threadctx.install_dump_signal(file=2)):
+        monkeypatch.setattr(_storage, "_warned_foreign_runtime", False)
+        with pytest.warns(RuntimeWarning, match="not threadctx's") as each:
+            previous = call()
+        assert [w.filename for w in each] == [__file__]
+        if not isinstance(previous, str):
+            signal.signal(signal.SIGUSR1, previous)
+
+
+def test_no_warning_on_threadctx_runtime_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    from threadctx import _storage
+
+    monkeypatch.setattr(_storage, "_warned_foreign_runtime", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        threadctx.snapshot()
+        threadctx.dump(frames=0)
+    assert "note:" not in threadctx.dump(frames=0)

@@ -163,3 +163,78 @@ def test_two_services_b_logs_with_as_trace_id_and_request_id() -> None:
     assert len(ours(b_lines)) == 2, b_lines
     for line in ours(b_lines):
         assert line.startswith(f"service=B trace_id={a_trace} "), line
+
+
+WARNING = re.compile(
+    r'^WARNING threadctx\.watchdog trace_id=([0-9a-f]{32}) request_id=req-o1 thread "worker_1" '
+    r"\(ident=\d+\) has served its span for \d+\.\ds \(threshold 0\.5s\)$"
+)
+
+
+def check_stuck_pool_output(lines: list[str]) -> None:
+    """The watchdog's warning names the stuck worker, in its trace; the metrics show it; every order ends."""
+    (first,) = [line for line in lines if line.startswith("WARNING")]
+    match = WARNING.match(first)
+    assert match, first
+    details = "\n".join(lines[lines.index(first) + 1 :])
+    assert f"  trace_id={match[1]} span_id=" in details, "the record's trace id is the stuck span's"
+    assert 'span_name="order o1"' in details
+    assert "  correlation: request_id=req-o1 tenant=acme" in details
+    assert "in charge_card\n      release.wait()" in details
+    assert "metric threadctx.threads.busy = 1 {thread}" in lines
+    (age,) = [line for line in lines if line.startswith("metric threadctx.span.oldest_age = ")]
+    assert float(age.split()[3]) >= 0.5
+    assert lines[-1] == "done: o0, o1, o2"
+
+
+def test_stuck_pool_example_shows_the_operator_the_stuck_request() -> None:
+    result = run("stuck_pool.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    check_stuck_pool_output(result.stdout.splitlines())
+
+
+def test_stuck_pool_example_answers_the_dump_command() -> None:
+    """The operator's second process: `python -m threadctx dump PID` while o1 is stuck."""
+    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
+    with subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "stuck_pool.py"), "--wait"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdin
+        assert process.stdout
+        try:
+            lines = []
+            while not lines or not lines[-1].startswith(f"pid {process.pid}: order o1 is stuck."):
+                line = process.stdout.readline()
+                assert line, "\n".join(lines)
+                lines.append(line.rstrip("\n"))
+            command = subprocess.run(
+                [sys.executable, "-m", "threadctx", "dump", str(process.pid)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            process.stdin.write("\n")
+            process.stdin.flush()
+            rest, errors = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    assert command.returncode == 0, command.stderr
+    assert errors == "", "the report went to the command, not to the example's stderr"
+    check_stuck_pool_output(lines[:-1] + rest.splitlines())
+    report = command.stdout
+    threads = re.findall(r'^Thread "([^"]+)"', report, re.M)
+    assert threads[0] == "worker_1", "the busy thread first"
+    stuck = report.split("\n\n")[1]
+    assert "correlation: request_id=req-o1 tenant=acme" in stuck
+    assert 'span_name="order o1"' in stuck
+    assert "elapsed=" in stuck
+    assert "in charge_card" in stuck
+    assert report.count("correlation:") == 1, "o0 and o2 are done: their workers hold no request"

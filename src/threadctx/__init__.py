@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from threadctx._dump import dump, install_dump_signal
     from threadctx._filter import PRESETS, ContextFilter, FieldNames, instrument_logging, uninstrument_logging
     from threadctx._integrations import loguru_patcher, structlog_processor
+    from threadctx._metrics import instrument_metrics
     from threadctx._processes import ContextProcessPoolExecutor, wrap_process
     from threadctx._propagation import (
         BAGGAGE_MAX_BYTES,
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
         uninstrument_threading,
         wrap,
     )
+    from threadctx._watchdog import Watchdog, start_watchdog
 
 # Names whose modules import opentelemetry.trace: loaded on first use.
 _LAZY = {
@@ -73,6 +75,7 @@ _LAZY = {
     "uninstrument_logging": "threadctx._filter",
     "loguru_patcher": "threadctx._integrations",
     "structlog_processor": "threadctx._integrations",
+    "instrument_metrics": "threadctx._metrics",
     "ContextProcessPoolExecutor": "threadctx._processes",
     "wrap_process": "threadctx._processes",
     "BAGGAGE_MAX_BYTES": "threadctx._propagation",
@@ -88,6 +91,8 @@ _LAZY = {
     "instrument_threading": "threadctx._threads",
     "uninstrument_threading": "threadctx._threads",
     "wrap": "threadctx._threads",
+    "Watchdog": "threadctx._watchdog",
+    "start_watchdog": "threadctx._watchdog",
 }
 
 
@@ -123,6 +128,7 @@ __all__ = [
     "Thread",
     "ThreadRuntimeContext",
     "ThreadSnapshot",
+    "Watchdog",
     "__version__",
     "attached",
     "bind",
@@ -136,12 +142,14 @@ __all__ = [
     "inject",
     "install_dump_signal",
     "instrument_logging",
+    "instrument_metrics",
     "instrument_threading",
     "loguru_patcher",
     "propagate",
     "propagated",
     "propagation_stats",
     "snapshot",
+    "start_watchdog",
     "structlog_processor",
     "unbind",
     "uninstrument_logging",

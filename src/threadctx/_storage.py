@@ -18,9 +18,11 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
+import warnings
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +142,15 @@ class ThreadSnapshot:
         span_name: The span's name where the span has one (SDK spans).
         correlation: The thread's correlation IDs, read-only.
         has_storage: Whether the thread holds a :func:`get_thread_storage` dict.
+        span_started_at: When the current span started, in seconds since the
+            epoch (``time.time()``), for spans that know it (SDK spans);
+            ``None`` otherwise.
+
+            .. versionadded:: 0.2.0
+        elapsed: Seconds since ``span_started_at`` when the snapshot was
+            taken, or ``None``.
+
+            .. versionadded:: 0.2.0
     """
 
     thread_id: int
@@ -150,13 +161,56 @@ class ThreadSnapshot:
     span_name: str | None
     correlation: Mapping[str, str]
     has_storage: bool
+    span_started_at: float | None = None
+    elapsed: float | None = None
+    #: The context described, for threadctx's own tools (the watchdog logs in it).
+    _context: Context | None = field(default=None, repr=False, compare=False)
 
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
+#: Whether the warning about a runtime context other than threadctx's was given.
+_warned_foreign_runtime = False
+
+
+def _foreign_runtime() -> str | None:
+    """The class name of OpenTelemetry's runtime context when it is not threadctx's, else None."""
+    from opentelemetry import context as otel_context
+
+    from threadctx._runtime import ThreadRuntimeContext
+
+    runtime = otel_context._RUNTIME_CONTEXT
+    return None if isinstance(runtime, ThreadRuntimeContext) else type(runtime).__name__
+
+
+def _warn_if_foreign_runtime(stacklevel: int = 2) -> None:
+    """Warn once per process when OpenTelemetry does not use threadctx's runtime context.
+
+    Then no thread publishes its context, so :func:`snapshot`, ``dump()``, the
+    watchdog and the metrics see only the calling thread's.
+    """
+    global _warned_foreign_runtime  # noqa: PLW0603 - once per process
+    if _warned_foreign_runtime:
+        return
+    runtime = _foreign_runtime()
+    if runtime is None:
+        return
+    _warned_foreign_runtime = True
+    warnings.warn(
+        f"OpenTelemetry's runtime context is {runtime}, not threadctx's: snapshot(), "
+        "dump(), the watchdog and the metrics see only the calling thread's context. Set "
+        "OTEL_PYTHON_CONTEXT=threadctx in the environment before OpenTelemetry is first imported "
+        "(see the operations page of threadctx's documentation).",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def _describe(state: _ThreadState, context: Context | None, name: str) -> ThreadSnapshot:
+    """Describe one thread whose current context is ``context``."""
     trace_id = span_id = span_name = None
+    started_at = elapsed = None
     correlation: Mapping[str, str] = _EMPTY
     if context is not None:
         # Imported here: this module is loaded while opentelemetry.context is
@@ -171,6 +225,10 @@ def _describe(state: _ThreadState, context: Context | None, name: str) -> Thread
             trace_id = format(span_context.trace_id, "032x")
             span_id = format(span_context.span_id, "016x")
             span_name = getattr(span, "name", None)
+            start_ns = getattr(span, "start_time", None)  # SDK spans: nanoseconds since the epoch
+            if isinstance(start_ns, int) and start_ns > 0:
+                started_at = start_ns / 1e9
+                elapsed = max(0.0, time.time() - started_at)
         correlation = correlation_of(context)
     return ThreadSnapshot(
         thread_id=state.ident,
@@ -181,6 +239,9 @@ def _describe(state: _ThreadState, context: Context | None, name: str) -> Thread
         span_name=span_name,
         correlation=correlation,
         has_storage=state.storage is not None,
+        span_started_at=started_at,
+        elapsed=elapsed,
+        _context=context,
     )
 
 
@@ -224,6 +285,7 @@ def snapshot() -> list[ThreadSnapshot]:
     from the context they attached last (for a thread that runs an asyncio
     loop, that is the context of whichever task attached last).
     """
+    _warn_if_foreign_runtime()
     # Imported here for the same reason as in _describe.
     from opentelemetry import context as otel_context
 
