@@ -328,3 +328,20 @@ def test_no_warning_on_threadctx_runtime_context(monkeypatch: pytest.MonkeyPatch
         threadctx.snapshot()
         threadctx.dump(frames=0)
     assert "note:" not in threadctx.dump(frames=0)
+
+
+def test_without_the_gil_only_the_calling_threads_stack_is_read(
+    busy_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A free-threaded build cannot walk the frames of a running thread safely: dump() leaves them out.
+
+    No free-threaded interpreter is available here, so the build is stood in
+    for by ``sys._is_gil_enabled`` answering False, which is what dump() asks.
+    """
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    report = threadctx.dump()
+    worker = block(report, "pool_0")
+    assert "correlation: request_id=r-7" in worker, "the context is still shown"
+    assert "stack not shown: a free-threaded build" in worker
+    assert "File " not in worker
+    assert "File " in block(report, "MainThread"), "the calling thread's own stack is safe to read"

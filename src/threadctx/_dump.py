@@ -54,6 +54,26 @@ def _stack(frame: FrameType | None, limit: int, source: bool) -> list[str]:
     return lines
 
 
+NO_STACK = "    (stack not shown: a free-threaded build cannot read a running thread's frames safely)"
+
+
+def current_frames() -> dict[int, FrameType | None]:
+    """Each thread's innermost frame, by ident; on a free-threaded build, only the calling thread's.
+
+    ``sys._current_frames()`` gathers the frames with the world stopped, but
+    the world runs again before anyone reads them: without the GIL, walking
+    a frame that its thread is executing is not safe (the free-threading
+    HOWTO, "Frame objects").  With the GIL the other threads are paused while
+    this thread runs Python code, so their frames hold still.
+    """
+    frames: dict[int, FrameType | None] = dict(sys._current_frames())
+    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    if is_gil_enabled is not None and not is_gil_enabled():
+        me = threading.get_ident()
+        frames = {ident: (frame if ident == me else None) for ident, frame in frames.items()}
+    return frames
+
+
 def describe_span(entry: ThreadSnapshot) -> list[str]:
     """The report lines about ``entry``'s span and correlation IDs, every value escaped."""
     lines = []
@@ -71,7 +91,7 @@ def describe_span(entry: ThreadSnapshot) -> list[str]:
 def _report(frames: int, source: bool) -> str:
     """dump()'s report; takes no lock and never warns, so the signal handler can call it."""
     now = time.time()
-    current = sys._current_frames()
+    current = current_frames()
     threads = known_threads()
     described = {entry.thread_id: entry for entry in snapshot()}
     me = threading.get_ident()
@@ -111,7 +131,8 @@ def _report(frames: int, source: bool) -> str:
         lines += ["", header + (" (this thread)" if ident == me else "")]
         if entry is not None:
             lines += describe_span(entry)
-        lines += _stack(current[ident], frames, source)
+        frame = current[ident]
+        lines += _stack(frame, frames, source) if frame is not None else [NO_STACK]
     del current  # the frames, this one included, would otherwise stay alive in a cycle
     lines.append("end of threadctx dump")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ from types import TracebackType
 
 from opentelemetry import context as otel_context
 
-from threadctx._dump import _stack, describe_span
+from threadctx._dump import _stack, current_frames, describe_span
 from threadctx._filter import _RESERVED, _printable
 from threadctx._storage import ThreadSnapshot, _warn_if_foreign_runtime, snapshot
 
@@ -115,7 +115,7 @@ class Watchdog:
         new = [item for item in stuck if item[1] not in self._reported]
         if not new:
             return
-        frames = sys._current_frames()  # only now: it materialises every thread's frames
+        frames = current_frames()  # only now: it materialises every thread's frames
         try:
             for entry, key, age in new:
                 self._reported.add(key)
