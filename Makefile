@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OTEL_PYTHON_CONTEXT := threadctx
 
-.PHONY: demo test lint typecheck pytest pytest-oldest soak docs conformance bench clean
+# Python 3.14 and 3.15 come from a Debian unstable root (see .ci/new-pythons); one root can serve
+# several trees: make test-new-pythons SID_ROOT=/path/to/.sid/root
+SID_ROOT ?= .sid/root
+
+.PHONY: demo test lint typecheck pytest pytest-oldest test-new-pythons soak soak-new-python docs conformance bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +34,13 @@ pytest-oldest:  ## the tests on the oldest supported opentelemetry-api and -sdk 
 	$(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/pip install -q -e '.[test-core]' 'opentelemetry-api==1.27.0' 'opentelemetry-sdk==1.27.0'
 	.venv-oldest/bin/pytest
+
+test-new-pythons:  ## the tests on Python 3.14 and 3.15, with -X thread_inherit_context=0 and =1 (needs root; builds .sid/ once)
+	SID_ROOT=$(SID_ROOT) .ci/new-pythons
+
+soak-new-python:  ## the model, churn and logging soak tests on 3.14, inheritance on, smallest switch interval
+	SID_ROOT=$(SID_ROOT) SID_FLAGS=1 .ci/new-pythons 3.14 -- tests/test_model.py tests/test_soak.py
+	SID_ROOT=$(SID_ROOT) SID_FLAGS=1 THREADCTX_SWITCH_INTERVAL=1e-6 .ci/new-pythons 3.14 -- tests/test_model.py tests/test_soak.py
 
 soak: $(VENV)/.installed  ## the long soak, model and fuzz runs of docs/reliability.md (about 10 minutes)
 	THREADCTX_SOAK=long $(BIN)/pytest -m soak -s --timeout 1800
