@@ -25,7 +25,7 @@ import threadctx
 
 # THREADCTX_SWITCH_INTERVAL=1e-6 (seconds) makes the interpreter switch threads as often as it
 # can: the closest a GIL build gets to the interleavings of a free-threaded one.
-if "THREADCTX_SWITCH_INTERVAL" in os.environ:
+if os.environ.get("THREADCTX_SWITCH_INTERVAL"):
     sys.setswitchinterval(float(os.environ["THREADCTX_SWITCH_INTERVAL"]))
 
 assert isinstance(otel_context._RUNTIME_CONTEXT, threadctx.ThreadRuntimeContext), (
@@ -36,7 +36,8 @@ assert isinstance(otel_context._RUNTIME_CONTEXT, threadctx.ThreadRuntimeContext)
 def pytest_report_header() -> str:
     inherit = getattr(sys.flags, "thread_inherit_context", "n/a")
     gil = "off" if getattr(sys, "_is_gil_enabled", lambda: True)() is False else "on"
-    return f"threadctx: thread_inherit_context={inherit}, GIL {gil}, switch interval {sys.getswitchinterval()} s"
+    interval = sys.getswitchinterval()
+    return f"threadctx: thread_inherit_context={inherit}, GIL {gil}, switch interval {interval} s"
 
 
 @pytest.fixture(autouse=True)
