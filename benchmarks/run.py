@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_context, bench_logging
+from benchmarks import bench_context, bench_logging, bench_service
 from benchmarks.harness import Result, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
             extra = other_rows(title, [r.name for r in rows], others)
             if extra:
                 out += [extra]
+    # Not run on the other interpreters: it needs a process of its own per server, and its table
+    # is about one service on this machine, not about an interpreter.
+    service = bench_service.table(bench_service.run_all())
+    print(service)
+    out += ["## A request through a real service", "", service]
     DOC.write_text("\n".join(out))
     print(f"wrote {DOC}")
 

@@ -9,10 +9,16 @@ Start Redis and a worker (the threads pool runs several tasks at once), then pub
 Each publishing thread serves its own request (a span, a request id, a tenant);
 every line the worker writes for a task carries that request's trace id and
 ids, plus the task's own id and name. ``CELERY_BROKER_URL`` picks another Redis.
+
+``step`` and ``undo`` show the rest of a task's life, which Celery runs after the
+body returned: the next steps of a chain, ``link=`` and ``link_error=``
+callbacks, the ``task_*`` signal handlers and ``on_success``/``on_failure``
+all log with the publisher's ids too.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -22,7 +28,8 @@ from typing import Any
 os.environ.setdefault("OTEL_PYTHON_CONTEXT", "threadctx")  # before OpenTelemetry is imported
 
 import redis
-from celery import Celery, signals
+from celery import Celery, Task, signals
+from celery.utils.dispatch import Signal
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -83,6 +90,47 @@ def process_order(order: str, batch: str | None = None, size: int = 0) -> dict[s
         "thread": threading.current_thread().name,
         "pid": os.getpid(),
     }
+
+
+def say(what: str, task: Task[Any, Any]) -> None:
+    """One line about ``task``, with every correlation ID the thread has bound (none missing, none extra)."""
+    ids = json.dumps(dict(threadctx.correlation()), sort_keys=True)
+    log.info("%s of %s[%s] ids=%s", what, task.name, task.request.id, ids)
+
+
+class Audited(Task):  # type: ignore[type-arg] # celery-types makes Task generic; Celery's own is not
+    """A task that logs its outcome: Celery calls these after the body returned."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        say("on_success", self)
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        say("on_failure", self)
+
+
+@signals.task_prerun.connect
+@signals.task_postrun.connect
+@signals.task_success.connect
+@signals.task_failure.connect
+def audit(sender: Task[Any, Any], signal: Signal, **_: Any) -> None:
+    """The task signals of the audited tasks: Celery sends all but task_prerun after the body."""
+    if isinstance(sender, Audited):
+        say(signal.name, sender)
+
+
+@app.task(name="celery_app.step", base=Audited, bind=True)
+def step(self: Audited, fail: bool = False) -> str:
+    """One step of a workflow: a chain, or a task with callbacks; fails if asked to."""
+    say("body", self)
+    if fail:
+        raise ValueError("failed as asked")
+    return str(self.request.id)
+
+
+@app.task(name="celery_app.undo", base=Audited, bind=True)
+def undo(self: Audited, failed_task_id: str) -> None:
+    """An errback (``link_error=undo.s()``): Celery publishes it after the failed body returned."""
+    say("body", self)
 
 
 def publish(requests: int = 4) -> int:

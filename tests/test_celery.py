@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import secrets
@@ -223,20 +225,66 @@ def test_beside_opentelemetrys_celery_instrumentation(
         assert results[order]["parent_span_id"] == producers[trace_id], order
 
 
-def test_instrument_is_idempotent_and_uninstrument_restores(example: ModuleType) -> None:
-    from celery import Celery
+def patched_functions() -> tuple[Any, ...]:
+    """Task.__call__ and every build_tracer that Celery calls."""
+    import celery.app.trace
+    import celery.worker.consumer.consumer
     from celery.app.task import Task
 
+    return Task.__call__, celery.app.trace.build_tracer, celery.worker.consumer.consumer.build_tracer
+
+
+def test_instrument_is_idempotent_and_uninstrument_restores(example: ModuleType) -> None:
+    from celery import Celery
+
     other = Celery("other")
-    patched = Task.__call__
+    patched = patched_functions()
+    assert patched[1] is patched[2], "one hook in both places"
     threadctx.celery.instrument(other)
     threadctx.celery.instrument(other)
-    assert Task.__call__ is patched
+    assert patched_functions() == patched
     assert threadctx.celery.is_instrumented(other)
     threadctx.celery.uninstrument(other)
     assert not threadctx.celery.is_instrumented(other)
     assert threadctx.celery.is_instrumented(example.app), "another app's uninstrument leaves this one"
-    assert Task.__call__ is patched
+    assert patched_functions() == patched
+    threadctx.celery.uninstrument(example.app)
+    try:
+        call, build_tracer, consumers_build_tracer = patched_functions()
+        assert call.__module__ == "celery.app.task", "the last uninstrument puts Celery's own back"
+        assert build_tracer.__module__ == "celery.app.trace"
+        assert consumers_build_tracer is build_tracer
+    finally:
+        threadctx.celery.instrument(example.app)
+    assert patched_functions() == patched
+
+
+def test_an_eager_task_runs_whole_in_its_callers_context_with_its_own_ids(example: ModuleType) -> None:
+    """Task.apply: the signal handlers and on_success see the task's id and name too, as the body does."""
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    log = logging.getLogger("orders")
+    handler, level = Collect(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with threadctx.bound(request_id="r-eager"):
+            result = example.step.apply(task_id="eager-1")
+            after = dict(threadctx.correlation())
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert result.get() == "eager-1"
+    assert after == {"request_id": "r-eager"}, "the caller's context is as it was"
+    ids = json.dumps(
+        {"request_id": "r-eager", "task_id": "eager-1", "task_name": "celery_app.step"}, sort_keys=True
+    )
+    whats = ("task_prerun", "body", "on_success", "task_success", "task_postrun")
+    assert said == [f"{what} of celery_app.step[eager-1] ids={ids}" for what in whats]
 
 
 def test_a_direct_call_is_a_plain_function_call(example: ModuleType) -> None:
@@ -266,3 +314,118 @@ def test_the_example_publisher_against_a_threads_worker(redis_url: str) -> None:
     for index in range(4):
         (processing,) = [line for line in lines if line.endswith(f"processing order=o{index}")]
         assert f"request_id=req-{index} tenant=acme task_id=" in processing
+
+
+NO_TRACE = "0" * 32
+PREFIX = re.compile(
+    r"pid=\d+ trace_id=(?P<trace>\w+) request_id=(?P<rid>\S+) tenant=(?P<tenant>\S+) "
+    r"task_id=(?P<task>\S+) task_name=(?P<name>\S+) (?P<message>.*)$"
+)
+SAID = re.compile(r"(?P<what>\w+) of (?P<name>\S+)\[(?P<id>[^\]]+)\] ids=(?P<ids>\{.*\})$")
+CELERY_SAID = re.compile(r"Task (?P<name>\S+)\[(?P<id>[^\]]+)\] (?P<what>succeeded|raised)")
+SUCCEEDED = ("task_prerun", "body", "on_success", "task_success", "task_postrun", "succeeded")
+FAILED = ("task_prerun", "body", "on_failure", "task_failure", "task_postrun", "raised")
+
+
+def run_workflow(
+    example: ModuleType, redis_url: str, tracer_provider: TracerProvider, pool: str, otel: bool
+) -> tuple[str, dict[str, str], list[str]]:
+    """Run a workflow under one request, then a probe task outside any; return trace id, task ids, lines.
+
+    The workflow: a chain of three steps, a step with a ``link=`` callback, a failing step with a
+    ``link_error=`` errback. The worker has one thread (or child) that runs every task, so the probe
+    runs after all the others finished there.
+    """
+    from celery import chain
+
+    step, undo = example.step, example.undo
+    run = secrets.token_hex(4)
+    names = ("chain-1", "chain-2", "chain-3", "parent", "link", "failing", "errback", "probe")
+    task_ids = {name: f"{run}-{name}" for name in names}
+    worker = Worker(redis_url, pool, concurrency=1, otel=otel)
+    try:
+        with (
+            tracer_provider.get_tracer("publisher").start_as_current_span("checkout") as span,
+            threadctx.bound(request_id="r-1", tenant="acme", secret="never-sent"),
+        ):
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            chained = chain(*[step.si().set(task_id=task_ids[f"chain-{n}"]) for n in (1, 2, 3)]).apply_async()
+            link = step.si().set(task_id=task_ids["link"])
+            linked = step.apply_async(task_id=task_ids["parent"], link=link)
+            errback = undo.s().set(task_id=task_ids["errback"])
+            failing = step.apply_async((True,), task_id=task_ids["failing"], link_error=errback)
+        assert chained.get(timeout=JOIN) == task_ids["chain-3"]
+        assert linked.get(timeout=JOIN) == task_ids["parent"]
+        assert example.app.AsyncResult(task_ids["link"]).get(timeout=JOIN) == task_ids["link"]
+        with pytest.raises(ValueError, match="failed as asked"):
+            failing.get(timeout=JOIN)
+        example.app.AsyncResult(task_ids["errback"]).get(timeout=JOIN)
+        assert step.apply_async(task_id=task_ids["probe"]).get(timeout=JOIN) == task_ids["probe"]
+    finally:
+        lines = worker.stop()
+    return trace_id, task_ids, lines
+
+
+@pytest.mark.parametrize(
+    ("pool", "otel"),
+    [("threads", False), ("prefork", False), ("threads", True)],
+    ids=["threads", "prefork", "threads-beside-opentelemetry"],
+)
+def test_chains_callbacks_errbacks_signal_handlers_and_on_success_keep_the_publishers_context(
+    example: ModuleType, redis_url: str, tracer_provider: TracerProvider, pool: str, otel: bool
+) -> None:
+    """What Celery runs after a task's body returned logs with the publisher's trace and ids.
+
+    Every line about a task (its signal handlers, on_success/on_failure, Celery's own "succeeded"
+    line) carries the trace id and allowlisted ids of the request that published the workflow, and
+    the task's own id and name; the next task on that thread or child, and the worker's own lines,
+    carry none of them. Also with OpenTelemetry's Celery instrumentation on the worker, which
+    attaches its task span in a context of its own, without the correlation IDs.
+    """
+    threadctx.propagate("tenant")
+    if otel:
+        pytest.importorskip(
+            "opentelemetry.instrumentation.celery",
+            reason="opentelemetry-instrumentation-celery is not installed",
+        )
+    trace_id, task_ids, lines = run_workflow(example, redis_url, tracer_provider, pool, otel)
+    output = "\n".join(lines)
+    assert "never-sent" not in output, "a correlation ID that is not on the allowlist never travels"
+    by_id = {task_id: name for name, task_id in task_ids.items()}
+    expected = [
+        (what, task_id)
+        for name, task_id in task_ids.items()
+        for what in (FAILED if name == "failing" else SUCCEEDED)
+    ]
+    seen: list[tuple[str, str]] = []
+    wrong: list[str] = []
+    for line in lines:
+        prefix = PREFIX.search(line)
+        if prefix is None:
+            continue  # a traceback's lines
+        fields = (prefix["trace"], prefix["rid"], prefix["tenant"], prefix["task"], prefix["name"])
+        said = SAID.fullmatch(prefix["message"]) or CELERY_SAID.match(prefix["message"])
+        if said is None or said["id"] not in by_id:
+            # The worker's own lines, "Task ... received" among them (logged before the task runs).
+            if fields != (NO_TRACE, "-", "-", "-", "-"):
+                wrong.append(line)
+            continue
+        seen.append((said["what"], said["id"]))
+        task = {"task_id": said["id"], "task_name": said["name"]}
+        if by_id[said["id"]] == "probe":  # published outside any request: nothing from before leaks in
+            # (OpenTelemetry's instrumentation gives it a trace of its own from the body on.)
+            trace_ok = prefix["trace"] == NO_TRACE or (otel and prefix["trace"] != trace_id)
+            want_ids = task
+        else:
+            trace_ok = prefix["trace"] == trace_id
+            want_ids = {"request_id": "r-1", "tenant": "acme", **task}
+        ids = json.loads(said["ids"]) if "ids" in said.groupdict() else want_ids
+        bound = {
+            name: value
+            for name, value in zip(("request_id", "tenant", *task), fields[1:], strict=True)
+            if value != "-"
+        }
+        if not trace_ok or bound != want_ids or ids != want_ids:
+            wrong.append(line)
+    assert sorted(seen) == sorted(expected), output
+    assert wrong == [], "\n".join(wrong)

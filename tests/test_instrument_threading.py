@@ -20,6 +20,11 @@ ORIGINAL_START = threading.Thread.start
 ORIGINAL_SUBMIT = ThreadPoolExecutor.submit
 
 State = tuple[int | None, dict[str, str]]
+NOTHING: State = (None, {})
+
+#: Python 3.14's thread_inherit_context: a new thread starts in a copy of the
+#: context of the code that called start(), with or without threadctx.
+INHERITS = bool(getattr(sys.flags, "thread_inherit_context", 0))
 
 
 def state() -> State:
@@ -76,7 +81,13 @@ def in_thread(kind: str) -> State:
 
 
 def in_pool(kind: str) -> State:
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    """Run ``state`` on a pool whose worker was started outside the caller's context."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        token = otel_context.attach(otel_context.Context())
+        try:
+            pool.submit(state).result(JOIN)  # the worker starts here, in an empty context
+        finally:
+            otel_context.detach(token)
         if kind == "submit":
             return pool.submit(state).result(JOIN)
         if kind == "map":
@@ -88,6 +99,12 @@ def in_pool(kind: str) -> State:
         return asyncio.run(main())
 
 
+def uncarried(runner: str, caller: State) -> State:
+    """What ``runner`` sees without any instrumentation: a new thread inherits only under the 3.14 flag."""
+    return caller if INHERITS and runner in THREAD_RUNNERS else NOTHING
+
+
+THREAD_RUNNERS = {"Thread", "Timer", "Thread subclass with its own run"}
 RUNNERS: dict[str, Callable[[], State]] = {
     "Thread": lambda: in_thread("thread"),
     "Timer": lambda: in_thread("timer"),
@@ -100,11 +117,11 @@ RUNNERS: dict[str, Callable[[], State]] = {
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_instrumented_threads_and_tasks_run_in_the_creators_context(caller: State, runner: str) -> None:
-    assert RUNNERS[runner]() == (None, {}), "without instrumentation the context does not cross"
+    assert RUNNERS[runner]() == uncarried(runner, caller), "without instrumentation it does not cross"
     threadctx.instrument_threading()
     assert RUNNERS[runner]() == caller
     threadctx.uninstrument_threading()
-    assert RUNNERS[runner]() == (None, {})
+    assert RUNNERS[runner]() == uncarried(runner, caller)
 
 
 def test_run_in_executor_on_the_default_executor_carries_the_context(caller: State) -> None:
@@ -175,12 +192,130 @@ def test_beside_opentelemetrys_threading_instrumentor(caller: State, order: str)
     for name, runner in RUNNERS.items():
         if name == "Thread subclass with its own run":
             # OpenTelemetry wraps Thread.run on the class: an override escapes it.
-            assert runner() == (None, {})
+            assert runner() == uncarried(name, caller)
         else:
             assert runner() == caller, "OpenTelemetry's instrumentor still carries the context"
     instrumentor.uninstrument()
-    assert in_thread("thread") == (None, {})
-    assert in_pool("submit") == (None, {})
+    assert in_thread("thread") == uncarried("Thread", caller)
+    assert in_pool("submit") == NOTHING
     threadctx.instrument_threading()
     assert in_thread("subclass") == caller
     assert in_pool("submit") == caller
+
+
+def test_a_run_set_on_the_instance_is_carried_and_put_back(caller: State) -> None:
+    """Issue 11, item 9: ``t.run = fn`` was taken for "already wrapped" and got no context."""
+    threadctx.instrument_threading()
+    seen: list[State] = []
+
+    def own_run() -> None:
+        seen.append(state())
+
+    thread = threading.Thread()
+    thread.run = own_run  # type: ignore[method-assign]
+    thread.start()
+    thread.join(JOIN)
+    assert seen == [caller]
+    assert vars(thread)["run"] is own_run, "the instance's own run is left as it was"
+
+
+def _helper_thread_states() -> dict[str, State]:
+    """What the standard library's long-lived helper threads see, by kind (each queried from a task)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing.pool import ThreadPool
+
+    seen: dict[str, State] = {}
+    with ThreadPool(1) as pool:
+        seen["ThreadPool worker, first request"] = pool.apply(state)
+        token = otel_context.attach(otel_context.Context())
+        try:
+            seen["ThreadPool worker, second request"] = pool.apply(state)
+        finally:
+            otel_context.detach(token)
+    queue: multiprocessing.Queue[int] = multiprocessing.get_context("spawn").Queue()
+    queue.put(1)  # starts the feeder thread
+    assert queue.get(timeout=JOIN) == 1
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(int, "7").result(JOIN) == 7  # starts the manager thread
+        for entry in threadctx.snapshot():
+            if entry.name.startswith(("QueueFeederThread", "Thread-")) and entry.trace_id is not None:
+                seen[f"helper thread {entry.name}"] = (int(entry.span_id or "0", 16), dict(entry.correlation))
+    queue.close()
+    queue.join_thread()
+    return seen
+
+
+def test_helper_threads_that_serve_many_callers_start_clean(caller: State) -> None:
+    """Issue 11, item 7: a ThreadPool worker, a queue's feeder, a process pool's manager thread.
+
+    Created inside one request, they kept that request for good: the next
+    request's task on the pool ran with the first request's IDs.
+    """
+    threadctx.instrument_threading()
+    seen = _helper_thread_states()
+    assert seen == {
+        "ThreadPool worker, first request": (None, {}),
+        "ThreadPool worker, second request": (None, {}),
+    }, "no helper thread shows the request that created it"
+
+
+CALLS = ["threadctx on", "threadctx off", "OpenTelemetry on", "OpenTelemetry off"]
+
+
+def _patched_layers(value: object) -> list[object]:
+    """The chain of wrapt proxies and whatever they wrap, from the class attribute down."""
+    layers = [value]
+    while hasattr(value, "__wrapped__") and type(value).__module__.startswith(("wrapt", "_wrappers")):
+        value = value.__wrapped__  # type: ignore[attr-defined]
+        layers.append(value)
+    return layers
+
+
+@pytest.mark.parametrize("order", list(__import__("itertools").permutations(CALLS)), ids=" / ".join)
+def test_any_order_beside_opentelemetrys_instrumentor_ends_with_nothing_patched(
+    caller: State, order: tuple[str, ...]
+) -> None:
+    """Issue 11, item 8: every order of the four calls; then whatever is still on is switched off."""
+    threading_instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.threading",
+        reason="opentelemetry-instrumentation-threading is not installed",
+    )
+    instrumentor = threading_instrumentation.ThreadingInstrumentor()
+    calls = {
+        "threadctx on": threadctx.instrument_threading,
+        "threadctx off": threadctx.uninstrument_threading,
+        "OpenTelemetry on": instrumentor.instrument,
+        "OpenTelemetry off": instrumentor.uninstrument,
+    }
+    for name in order:
+        calls[name]()
+    on = {
+        tool
+        for tool in ("threadctx", "OpenTelemetry")
+        if order.index(f"{tool} on") > order.index(f"{tool} off")
+    }
+    if on:
+        assert in_pool("submit") == caller, f"{on} still on: the context is carried"
+    else:
+        assert in_pool("submit") == NOTHING, "both off: nothing carries the context"
+        assert in_thread("thread") == uncarried("Thread", caller)
+    if "threadctx" in on:
+        threadctx.uninstrument_threading()
+    if "OpenTelemetry" in on:
+        instrumentor.uninstrument()
+    from threadctx import _threads
+
+    ours = set(map(id, _threads._PATCHES.values()))
+    for owner, name in _threads._PATCHES:
+        layers = _patched_layers(owner.__dict__.get(name))
+        assert not ours & set(map(id, layers)), f"{owner.__name__}.{name} still has threadctx's patch"
+        if owner is not threading.Timer:
+            # OpenTelemetry's own unwrap leaves a stale bound wrapper on Timer.start
+            # (Timer inherits start), with or without threadctx.
+            assert len(layers) == 1, f"{owner.__name__}.{name} is still wrapped: {layers}"
+    assert threading.Thread.start is ORIGINAL_START
+    assert ThreadPoolExecutor.submit is ORIGINAL_SUBMIT
+    assert in_pool("submit") == NOTHING
+    assert in_thread("thread") == uncarried("Thread", caller)
+    assert in_thread("timer") == uncarried("Timer", caller)

@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -91,3 +92,28 @@ def test_plain_pool_worker_keeps_what_a_task_left_bound() -> None:
     with ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(threadctx.bind, request_id="stale").result(JOIN)
         assert pool.submit(lambda: dict(threadctx.correlation())).result(JOIN) == {"request_id": "stale"}
+
+
+def test_context_pool_workers_start_clean_even_when_created_inside_a_request() -> None:
+    """Python 3.14's thread_inherit_context starts a worker in its creator's context: not this pool's.
+
+    The worker is created by the first submit, inside the request; its own
+    context (what the initializer sees, what it returns to after each task)
+    must still be empty.
+    """
+    seen_by_initializer: list[dict[str, str]] = []
+
+    def initializer(tag: str) -> None:
+        seen_by_initializer.append({**threadctx.correlation(), "tag": tag})
+
+    with (
+        threadctx.ContextThreadPoolExecutor(max_workers=1, initializer=initializer, initargs=("t",)) as pool,
+        threadctx.bound(request_id="r-first"),
+    ):
+        assert pool.submit(lambda: dict(threadctx.correlation())).result(JOIN) == {"request_id": "r-first"}
+        token = otel_context.attach(otel_context.Context())
+        try:
+            assert pool.submit(lambda: dict(threadctx.correlation())).result(JOIN) == {}
+        finally:
+            otel_context.detach(token)
+    assert seen_by_initializer == [{"tag": "t"}]

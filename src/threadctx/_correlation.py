@@ -8,20 +8,22 @@ propagation) and work with any runtime context OpenTelemetry is set up with.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from contextvars import Token
 from types import MappingProxyType
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 
 # ``import ... as`` and attribute access at call time: this module is imported
 # while ``opentelemetry.context`` may still be initialising (entry point).
 from opentelemetry import context as _otel_context
 
-if TYPE_CHECKING:
-    from contextlib import _GeneratorContextManager
+from threadctx._carry import in_context
 
+if TYPE_CHECKING:
     from opentelemetry.context.context import Context
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = [
     "CORRELATION_KEY",
@@ -156,7 +158,28 @@ def clear() -> Token[Context]:
     return _otel_context.attach(_with_ids(_EMPTY))
 
 
-def bound(**ids: str) -> _GeneratorContextManager[Mapping[str, str]]:
+class _Bound:
+    """What :func:`bound` returns: a context manager that is also a decorator."""
+
+    __slots__ = ("_ids", "_tokens")
+
+    def __init__(self, ids: Mapping[str, str]) -> None:
+        self._ids = ids
+        self._tokens: list[Token[Context]] = []  # a stack: the same object may be entered again
+
+    def __enter__(self) -> Mapping[str, str]:
+        self._tokens.append(_otel_context.attach(merged(self._ids)))
+        return correlation()
+
+    def __exit__(self, *exc_info: object) -> None:
+        _otel_context.detach(self._tokens.pop())
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        ids = self._ids
+        return in_context(fn, lambda: merged(ids))
+
+
+def bound(**ids: str) -> _Bound:
     """Bind correlation IDs for a block or a function call, then restore.
 
     As a context manager (it yields the correlation IDs now in force)::
@@ -165,26 +188,25 @@ def bound(**ids: str) -> _GeneratorContextManager[Mapping[str, str]]:
             handle()
 
     As a decorator, the IDs are bound afresh for each call, in whichever
-    thread makes it::
+    thread makes it, on top of that thread's (or task's) context::
 
         @threadctx.bound(job="nightly")
         def run(): ...
+
+    An ``async def`` function keeps them across every ``await``; a generator
+    or async generator keeps them for each of its steps, and the code that
+    iterates it keeps its own IDs between steps.
 
     On exit exactly the previous correlation IDs are restored, also when the
     block raises.  The IDs are validated here, when ``bound`` is called.
 
     Raises:
         TypeError, ValueError: an ID is invalid (see :func:`validate`).
+
+    .. versionchanged:: 0.2.0
+       As a decorator, coroutine functions, generators and async generators
+       are bound for their whole run, not only while they are created.
     """
     for name, value in ids.items():
         validate(name, value)
-    return _scope(ids)
-
-
-@contextmanager
-def _scope(ids: Mapping[str, str]) -> Iterator[Mapping[str, str]]:
-    token = _otel_context.attach(merged(ids))
-    try:
-        yield correlation()
-    finally:
-        _otel_context.detach(token)
+    return _Bound(ids)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -11,20 +11,12 @@ from typing import Any, ParamSpec, TypeVar
 
 from opentelemetry import context as otel_context
 
+from threadctx._carry import in_context, run_in
+
 __all__ = ["ContextThreadPoolExecutor", "Thread", "instrument_threading", "uninstrument_threading", "wrap"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def _run_in(context: otel_context.Context, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    token = otel_context.attach(context)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        # Restores what the thread had before, whatever fn attached or bound
-        # and did not undo (contextvars semantics: the token saved it).
-        otel_context.detach(token)
 
 
 def wrap(fn: Callable[P, R]) -> Callable[P, R]:
@@ -37,15 +29,17 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
 
         pool.submit(threadctx.wrap(handle), request)
 
+    ``async def`` functions keep the context across every ``await``;
+    generators and async generators keep it for each of their steps and give
+    the consumer its own context back at every ``yield``.
+
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       Coroutine functions, generators and async generators run in the
+       context for their whole run, not only while they are created.
     """
     context = otel_context.get_current()
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        return _run_in(context, fn, *args, **kwargs)
-
-    return wrapper
+    return in_context(fn, lambda: context)
 
 
 class Thread(threading.Thread):
@@ -60,88 +54,201 @@ class Thread(threading.Thread):
 
     def run(self) -> None:
         """Run the target in the creator's context."""
-        _run_in(self._threadctx_context, super().run)
+        run_in(self._threadctx_context, super().run)
+
+
+def _clean_start(initializer: Callable[..., object] | None) -> Callable[..., None]:
+    """An initializer that gives a new pool worker an empty context, then runs ``initializer``."""
+
+    def start_clean(*initargs: Any) -> None:
+        # Never detached: this is the worker's own context for its whole life.
+        # Without it, a worker that Python 3.14 started in a copy of its
+        # creator's context (thread_inherit_context) would keep the first
+        # submitter's span and IDs between tasks.
+        otel_context.attach(otel_context.Context())
+        if initializer is not None:
+            initializer(*initargs)
+
+    return start_clean
 
 
 class ContextThreadPoolExecutor(ThreadPoolExecutor):
     """A ``ThreadPoolExecutor`` whose tasks run in the context of the code that submitted them.
 
     ``submit`` and ``map`` carry the submitter's span and correlation IDs;
-    after each task the worker is back to its own clean context, so nothing
-    leaks from one task into the next, also after an exception.
+    a worker starts with an empty context (also where Python 3.14 starts new
+    threads in a copy of their creator's context), and after each task it is
+    back to that clean context, so nothing leaks from one task into the next,
+    also after an exception.
 
     .. versionadded:: 0.1.0
     """
 
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        thread_name_prefix: str = "",
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        super().__init__(max_workers, thread_name_prefix, _clean_start(initializer), initargs)
+
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Schedule ``fn(*args, **kwargs)`` to run in the caller's current context."""
-        context = otel_context.get_current()
-
-        def task() -> R:
-            return _run_in(context, fn, *args, **kwargs)
-
-        return super().submit(task)
+        return super().submit(run_in, otel_context.get_current(), fn, *args, **kwargs)
 
 
-# instrument_threading: process-wide patches of class attributes, each
-# installed at most once and removed only while it is still the outermost
-# wrapper.  When another wrapper (OpenTelemetry's ThreadingInstrumentor) was
-# put on top of ours, removing ours would remove theirs too, so ours stays in
-# place, switched off.  The originals are kept for good: a stale reference to
-# a patch (OpenTelemetry's uninstrument leaves one on Timer.start) must still
-# work.
+# instrument_threading: process-wide patches of class attributes.  Each patch
+# sits directly on the attribute it replaced, beneath any wrapt proxy that
+# another instrumentor (OpenTelemetry's ThreadingInstrumentor) put there, so
+# that either side can be removed first, in any order, and each removal takes
+# away exactly its own layer: ours by re-pointing the proxy above it, theirs
+# by their usual unwrap of the outermost proxy.  The originals are kept for
+# good: a stale reference to a patch (OpenTelemetry's uninstrument leaves one
+# on Timer.start) must still work, and a patch that was switched off only
+# calls its original.
 _enabled = False
 _lock = threading.Lock()
 _MISSING: Any = object()  # the class had no attribute of its own: it inherited one
 _originals: dict[tuple[type, str], Any] = {}
-_installed: set[tuple[type, str]] = set()
 
 
 def _original(owner: type, name: str, instance: object) -> Any:
     """The attribute our patch replaced, bound to ``instance`` as a method call would."""
     original = _originals[owner, name]
     if original is _MISSING:  # look it up where it was inherited from
-        original = next(base.__dict__[name] for base in owner.__mro__[1:] if name in base.__dict__)
+        original = _inherited(owner, name)
     return original.__get__(instance, type(instance))
+
+
+def _inherited(owner: type, name: str) -> Any:
+    return next(base.__dict__[name] for base in owner.__mro__[1:] if name in base.__dict__)
+
+
+def _is_proxy(value: object) -> bool:
+    """Whether ``value`` is a wrapt proxy (what OpenTelemetry's instrumentors patch with)."""
+    wrapt = sys.modules.get("wrapt")
+    if wrapt is None:
+        return False
+    kinds = tuple(kind for kind in (getattr(wrapt, "BaseObjectProxy", None), wrapt.ObjectProxy) if kind)
+    return isinstance(value, kinds)
+
+
+def _install(owner: type, name: str, patch: Any) -> None:
+    holder, node = None, owner.__dict__.get(name, _MISSING)
+    while _is_proxy(node):
+        if node.__wrapped__ is patch:
+            return  # already in place beneath another instrumentor's proxy
+        holder, node = node, node.__wrapped__
+    if node is patch:
+        return
+    _originals[owner, name] = node
+    if holder is None:
+        setattr(owner, name, patch)
+    else:
+        holder.__wrapped__ = patch
+
+
+def _uninstall(owner: type, name: str, patch: Any) -> None:
+    top = owner.__dict__.get(name, _MISSING)
+    original = _originals.get((owner, name), _MISSING)
+    if top is patch:
+        if original is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+        return
+    node = top
+    while _is_proxy(node):
+        if node.__wrapped__ is patch:
+            node.__wrapped__ = _inherited(owner, name) if original is _MISSING else original
+            return
+        node = node.__wrapped__
+    # Not found: something replaced it without keeping a reference we can
+    # follow; the patch stays where it is, switched off.
+
+
+def _serves_many(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is one of the standard library's long-lived helper threads.
+
+    They serve many callers (pool workers, a pool's task and result
+    handlers, a queue's feeder, a process pool's manager), so they start
+    with an empty context rather than the context of whichever caller
+    happened to create them.  Only modules already imported are looked at:
+    a thread cannot target a function that was never loaded.
+    """
+    target = getattr(thread, "_target", None)
+    if target is _futures_thread._worker:
+        return True
+    pool = sys.modules.get("multiprocessing.pool")
+    if pool is not None and target in (
+        pool.worker,
+        pool.Pool._handle_workers,
+        pool.Pool._handle_tasks,
+        pool.Pool._handle_results,
+    ):
+        return True
+    queues = sys.modules.get("multiprocessing.queues")
+    if queues is not None and target is queues.Queue._feed:
+        return True
+    process = sys.modules.get("concurrent.futures.process")
+    manager = getattr(process, "_ExecutorManagerThread", None)
+    return manager is not None and isinstance(thread, manager)
+
+
+class _RunInContext:
+    """What a started thread runs instead of its own ``run``: that ``run``, in a given context."""
+
+    __slots__ = ("context", "own", "run", "thread")
+
+    def __init__(self, thread: threading.Thread, context: otel_context.Context) -> None:
+        self.thread = thread
+        self.context = context
+        #: A run set on the instance itself (``t.run = fn``), put back afterwards.
+        self.own = thread.__dict__.get("run")
+        self.run = thread.run  # the instance's or the subclass's own run, whatever it is
+
+    def __call__(self) -> None:
+        try:
+            run_in(self.context, self.run)
+        finally:
+            self.restore()
+
+    def restore(self) -> None:
+        """Leave the thread's ``run`` as it was (and break the thread <-> wrapper cycle)."""
+        if self.thread.__dict__.get("run") is self:
+            if self.own is None:
+                del self.thread.__dict__["run"]
+            else:
+                self.thread.__dict__["run"] = self.own
 
 
 def _patched_start(owner: type[threading.Thread]) -> Callable[[threading.Thread], None]:
     def start(self: threading.Thread) -> None:
         original = _original(owner, "start", self)
-        # Executor workers are excluded: they serve many submitters, each task
-        # brings its own context, and between tasks a worker holds none.
-        if (
-            not _enabled
-            or isinstance(self, Thread)
-            or getattr(self, "_target", None) is _futures_thread._worker
-            or "run" in vars(self)  # already wrapped by the patch of a base class
-        ):
+        # threadctx.Thread carries its own context; a thread that is already
+        # wrapped was wrapped by the patch of a base class (Timer.start
+        # reaches Thread.start).
+        if not _enabled or isinstance(self, Thread) or isinstance(vars(self).get("run"), _RunInContext):
             original()
             return
-        context = otel_context.get_current()
-        run = self.run  # the subclass's own run, whatever it is
-
-        def run_in_context() -> None:
-            try:
-                _run_in(context, run)
-            finally:
-                vars(self).pop("run", None)  # break the thread <-> closure cycle
-
-        self.run = run_in_context  # type: ignore[method-assign]
+        context = otel_context.Context() if _serves_many(self) else otel_context.get_current()
+        wrapper = _RunInContext(self, context)
+        self.__dict__["run"] = wrapper
         try:
             original()
         except BaseException:  # started twice, or no thread could be created
-            if vars(self).get("run") is run_in_context:
-                del self.run
+            wrapper.restore()
             raise
 
     return start
 
 
 def _submit(self: ThreadPoolExecutor, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
+    submit = _original(ThreadPoolExecutor, "submit", self)
     if _enabled and not isinstance(self, ContextThreadPoolExecutor):
-        fn = functools.partial(_run_in, otel_context.get_current(), fn)
-    return _original(ThreadPoolExecutor, "submit", self)(fn, *args, **kwargs)  # type: ignore[no-any-return]
+        return submit(run_in, otel_context.get_current(), fn, *args, **kwargs)  # type: ignore[no-any-return]
+    return submit(fn, *args, **kwargs)  # type: ignore[no-any-return]
 
 
 _PATCHES: dict[tuple[type, str], Any] = {
@@ -155,25 +262,34 @@ def instrument_threading() -> None:
     """Make every new thread and thread-pool task run in its creator's context, process-wide.
 
     Patches ``threading.Thread.start`` and ``threading.Timer.start`` (which
-    cover every subclass, whatever its ``run``) and ``ThreadPoolExecutor.submit``
-    (which covers ``map`` and ``loop.run_in_executor``).  A thread runs in
-    the context current when ``start()`` was called; a task in the context
-    current when it was submitted, and the worker is restored after it.
-    Pool worker threads themselves start clean.
+    cover every subclass, whatever its ``run``, and a ``run`` set on the
+    instance) and ``ThreadPoolExecutor.submit`` (which covers ``map`` and
+    ``loop.run_in_executor``).  A thread runs in the context current when
+    ``start()`` was called; a task in the context current when it was
+    submitted, and the worker is restored after it.
+
+    The standard library's long-lived helper threads, which serve many
+    callers, start with an empty context instead: ``ThreadPoolExecutor``
+    workers, ``multiprocessing.pool.ThreadPool`` workers and every ``Pool``'s
+    handler threads, a ``multiprocessing.Queue``'s feeder thread and
+    ``ProcessPoolExecutor``'s manager thread.
 
     Idempotent, and undone by :func:`uninstrument_threading`.  Beside
-    OpenTelemetry's ``ThreadingInstrumentor`` both carry the same context;
-    the second attach is redundant but harmless.
+    OpenTelemetry's ``ThreadingInstrumentor`` both carry the same context
+    (the second attach is redundant but harmless), and the two can be
+    switched on and off in any order.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       Helper threads that serve many callers start clean; a ``run`` set on
+       the instance is carried; any order of instrumenting and
+       uninstrumenting beside OpenTelemetry's instrumentor leaves nothing
+       patched.
     """
     global _enabled  # noqa: PLW0603 - one process-wide switch
     with _lock:
         for (owner, name), patch in _PATCHES.items():
-            if (owner, name) not in _installed:
-                _originals[owner, name] = owner.__dict__.get(name, _MISSING)
-                setattr(owner, name, patch)
-                _installed.add((owner, name))
+            _install(owner, name, patch)
         _enabled = True
 
 
@@ -188,10 +304,4 @@ def uninstrument_threading() -> None:
     with _lock:
         _enabled = False
         for (owner, name), patch in _PATCHES.items():
-            if (owner, name) in _installed and owner.__dict__.get(name) is patch:
-                original = _originals[owner, name]
-                if original is _MISSING:
-                    delattr(owner, name)
-                else:
-                    setattr(owner, name, original)
-                _installed.discard((owner, name))
+            _uninstall(owner, name, patch)

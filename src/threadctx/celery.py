@@ -11,28 +11,34 @@ When a task is published, the current trace context goes into the message
 headers through OpenTelemetry's configured propagators, and the correlation
 IDs on the propagation allowlist (:func:`threadctx.propagate`) into a header
 of their own.  On the worker, on whichever thread (or prefork child) runs the
-task, the task body runs in that context with ``task_id`` and ``task_name``
-bound as correlation IDs; the thread is left as it was afterwards.
+task, the whole execution of the task runs in that context with ``task_id``
+and ``task_name`` bound as correlation IDs: not only the body, but all that
+Celery does for the task after it, such as publishing the next step of a
+chain and the ``link=``/``link_error=`` callbacks, sending the ``task_*``
+signals, and calling ``on_success``/``on_failure``.  The thread is left as
+it was afterwards.
 
-Beside ``opentelemetry-instrumentation-celery`` (instrument both, in any
-order), OpenTelemetry's worker span, a child of its publish span, is kept as
-the current span, and the correlation IDs are bound under it.
+The hook is the function that Celery's ``build_tracer`` returns, which the
+worker (and ``Task.apply``) calls to execute a task.  Beside
+``opentelemetry-instrumentation-celery`` (instrument both, in any order),
+OpenTelemetry's worker span, a child of its publish span, is kept as the
+current span, and the correlation IDs are bound under it from the body on.
 
 .. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from celery import Celery, signals
 from celery.app.task import Task
 from opentelemetry import context as otel_context
 from opentelemetry import propagate as otel_propagate
-from opentelemetry import trace as otel_trace
 from opentelemetry.propagators.textmap import Getter
 
 from threadctx._correlation import correlation, merged
@@ -47,20 +53,26 @@ A header of its own, not ``baggage``: OpenTelemetry's Celery instrumentation
 writes ``baggage`` too, and would replace them.
 """
 
+_TRACER_SITES = ("celery.app.trace", "celery.worker.consumer.consumer")
+"""Modules whose ``build_tracer`` Celery calls: its own (pools, ``Task.apply``) and the consumer's copy."""
+
 _apps: weakref.WeakSet[Celery] = weakref.WeakSet()
 _lock = threading.Lock()
 _original_call: Callable[..., Any] | None = None
+_original_build_tracer: Callable[..., Any] | None = None
+_running = threading.local()
+"""``ids``: the correlation IDs of the task this thread executes (while _build_tracer's tracer runs)."""
 
 
-class _RequestGetter(Getter[Any]):
-    """Reads message headers from a task request: Celery makes each header an attribute."""
+class _RequestGetter(Getter[Mapping[str, Any]]):
+    """Reads message headers from a task's request dict, where Celery puts each header; text only."""
 
-    def get(self, carrier: Any, key: str) -> list[str] | None:
-        value = getattr(carrier, key, None)
+    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
+        value = carrier.get(key)
         return [value] if isinstance(value, str) else None
 
-    def keys(self, carrier: Any) -> list[str]:
-        return [key for key, value in vars(carrier).items() if isinstance(value, str)]
+    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
+        return [key for key, value in carrier.items() if isinstance(value, str)]
 
 
 _GETTER = _RequestGetter()
@@ -77,23 +89,58 @@ def _on_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
         headers[HEADER] = encode_ids(ids)
 
 
-def _task_context(task: Task[Any, Any]) -> otel_context.Context:
-    request = task.request
+def _task_context(task: Task[Any, Any], task_id: object, request: Mapping[str, Any]) -> otel_context.Context:
+    """The context a task executes in: its publisher's, read from the request, and its own id and name."""
     current = otel_context.get_current()
-    has_span = otel_trace.get_current_span(current).get_span_context().is_valid
-    # In a worker thread the current context is clean, or holds OpenTelemetry's
-    # task span (its instrumentation ran first): keep that span. An eager task
-    # runs in its caller's context, which already holds the caller's IDs.
-    context = current if has_span or request.is_eager else extract(request, context=current, getter=_GETTER)
-    ids = {} if request.is_eager else decode_ids(getattr(request, HEADER, None), propagated())
-    if request.id:
-        ids["task_id"] = str(request.id)
-    ids["task_name"] = str(task.name)
+    ids: dict[str, object]
+    if request.get("is_eager"):  # Task.apply: the caller's thread, which has the caller's context
+        context, ids = current, {}
+    else:
+        context = extract(request, context=current, getter=_GETTER)
+        ids = {**decode_ids(request.get(HEADER), propagated())}
+    if task_id:
+        ids["task_id"] = task_id
+    ids["task_name"] = task.name
     return merged(_valid_ids(ids), context)
 
 
+def _build_tracer(name: str, task: Task[Any, Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """celery.app.trace.build_tracer while instrumented: the whole execution of a task in its context.
+
+    Celery's tracer runs the ``task_prerun`` handlers, the body, then
+    publishes the callbacks and the chain's next step, stores the result and
+    calls the ``on_*`` methods, errbacks and the other signal handlers: all
+    of it runs in the publisher's context here.
+    """
+    tracer = cast("Callable[..., Any]", _original_build_tracer)(name, task, *args, **kwargs)
+
+    def trace(
+        task_id: str, task_args: Any, task_kwargs: Any, request: Mapping[str, Any] | None = None, /
+    ) -> Any:
+        if task.app not in _apps:
+            return tracer(task_id, task_args, task_kwargs, request)
+        context = _task_context(task, task_id, request or {})
+        outer = getattr(_running, "ids", None)
+        _running.ids = correlation(context)
+        token = otel_context.attach(context)
+        try:
+            return tracer(task_id, task_args, task_kwargs, request)
+        finally:
+            otel_context.detach(token)
+            _running.ids = outer
+
+    return trace
+
+
 def _call(self: Task[Any, Any], *args: Any, **kwargs: Any) -> Any:
-    """Task.__call__ while instrumented: the task body in the publisher's context.
+    """Task.__call__ while instrumented: the IDs stay bound under a span attached after the tracer began.
+
+    OpenTelemetry's Celery instrumentation attaches its task span from a
+    ``task_prerun`` handler, in a context of its own that has none of the
+    correlation IDs; the body is the first point after every prerun handler,
+    so the IDs are bound again there, under that span.  That context is left
+    attached, for what Celery does after the body: the tracer's detach
+    restores the thread as it was before the task.
 
     The worker executes a task by calling it with its request pushed; any
     other call (a plain function call, or the task calling itself) is handed
@@ -107,13 +154,12 @@ def _call(self: Task[Any, Any], *args: Any, **kwargs: Any) -> Any:
     if request is None or request.called_directly or len(stack) != 1 or getattr(request, "_threadctx", False):
         return original(self, *args, **kwargs)
     setattr(request, "_threadctx", True)  # noqa: B010 - a nested call of the same task is a plain call
-    if self.app not in _apps:
-        return self.run(*args, **kwargs)
-    token = otel_context.attach(_task_context(self))
-    try:
-        return self.run(*args, **kwargs)
-    finally:
-        otel_context.detach(token)
+    ids: Mapping[str, str] | None = getattr(_running, "ids", None)
+    if ids and self.app in _apps:
+        current = otel_context.get_current()
+        if not correlation(current).items() >= ids.items():
+            otel_context.attach(merged(ids, current))  # detached by the tracer's own detach, see above
+    return self.run(*args, **kwargs)
 
 
 def _outermost(**_: Any) -> None:
@@ -141,16 +187,21 @@ def instrument(app: Celery) -> None:
 
     On the publishing side the headers are added to every task message the
     process sends while any app is instrumented.  On the worker (any pool:
-    threads, prefork, solo...), the body of each task of ``app`` runs with
-    the publisher's span as its parent (or under OpenTelemetry's task span
-    when its instrumentation is on), the allowlisted correlation IDs bound,
-    and ``task_id`` and ``task_name`` bound; invalid incoming values are
-    dropped and counted in :func:`threadctx.propagation_stats`.  The thread
-    is left as it was after each task.
+    threads, prefork, solo...), each task of ``app`` executes with the
+    publisher's span as its parent (from the body on, under OpenTelemetry's
+    task span when its instrumentation is on), the allowlisted correlation
+    IDs bound, and ``task_id`` and ``task_name`` bound; invalid incoming
+    values are dropped and counted in :func:`threadctx.propagation_stats`.
+    That is the whole execution: the ``task_prerun`` handlers, the body, the
+    next step of a chain and the ``link=``/``link_error=`` callbacks it
+    publishes, ``on_success``/``on_failure`` and the other signal handlers.
+    The thread is left as it was after each task.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       The whole execution, not only the body.
     """
-    global _original_call  # noqa: PLW0603 - one process-wide patch
+    global _original_call, _original_build_tracer  # noqa: PLW0603 - one process-wide patch
     with _lock:
         if not _apps:
             for signal, receiver in _HOOKS:
@@ -159,8 +210,14 @@ def instrument(app: Celery) -> None:
                 _original_call = Task.__call__
             # A __call__ from a module other than celery.app.task makes Celery's
             # worker call the task object (not task.run) for every task: that is
-            # what lets the body run in the context.
+            # what lets the body bind the IDs again under OpenTelemetry's span.
             Task.__call__ = _call  # type: ignore[method-assign]
+            for site in _TRACER_SITES:
+                module = importlib.import_module(site)
+                if _original_build_tracer is None:
+                    _original_build_tracer = module.build_tracer
+                if getattr(module, "build_tracer", None) is _original_build_tracer:
+                    setattr(module, "build_tracer", _build_tracer)  # noqa: B010 - the stubs lack it
         _apps.add(app)
 
 
@@ -180,6 +237,10 @@ def uninstrument(app: Celery) -> None:
             signal.disconnect(receiver, dispatch_uid=f"threadctx.celery.{receiver.__name__}")
         if _original_call is not None and Task.__dict__.get("__call__") is _call:
             Task.__call__ = _original_call  # type: ignore[method-assign]
+        for site in _TRACER_SITES:
+            module = importlib.import_module(site)
+            if getattr(module, "build_tracer", None) is _build_tracer:
+                setattr(module, "build_tracer", _original_build_tracer)  # noqa: B010 - the stubs lack it
 
 
 def is_instrumented(app: Celery) -> bool:
