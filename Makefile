@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OTEL_PYTHON_CONTEXT := threadctx
 
-.PHONY: demo test lint typecheck pytest pytest-oldest soak docs conformance bench clean
+# Python 3.14 and 3.15 come from a Debian unstable root (see .ci/new-pythons); one root can serve
+# several trees: make test-new-pythons SID_ROOT=/path/to/.sid/root
+SID_ROOT ?= .sid/root
+
+.PHONY: demo test lint typecheck pytest pytest-oldest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +35,15 @@ pytest-oldest:  ## the tests on the oldest supported opentelemetry-api and -sdk 
 	.venv-oldest/bin/pip install -q -e '.[test-core]' 'opentelemetry-api==1.27.0' 'opentelemetry-sdk==1.27.0'
 	.venv-oldest/bin/pytest
 
+test-new-pythons:  ## the tests on Python 3.14 and 3.15, with -X thread_inherit_context=0 and =1 (needs root; builds .sid/ once)
+	SID_ROOT=$(SID_ROOT) .ci/new-pythons
+
+soak-new-python:  ## the long model, churn and logging runs on 3.14 with inheritance on, then at the smallest switch interval
+	for interval in "" 1e-6; do \
+	    THREADCTX_SWITCH_INTERVAL=$$interval THREADCTX_SOAK=long THREADCTX_MODEL_EXAMPLES=1000 SID_ROOT=$(SID_ROOT) \
+	        SID_FLAGS=1 .ci/new-pythons 3.14 -- -s --timeout 1800 tests/test_model.py tests/test_soak.py || exit 1; \
+	done
+
 soak: $(VENV)/.installed  ## the long soak, model and fuzz runs of docs/reliability.md (about 10 minutes)
 	THREADCTX_SOAK=long $(BIN)/pytest -m soak -s --timeout 1800
 	THREADCTX_MODEL_EXAMPLES=1000 THREADCTX_FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_model.py tests/test_hostile_input.py --timeout 1800
@@ -47,6 +60,10 @@ conformance: $(VENV)/.installed  ## OpenTelemetry's own test suites, default bac
 
 bench: $(VENV)/.installed  ## writes docs/benchmarks.md
 	$(BIN)/python -m benchmarks.run
+
+bench-new-pythons: $(VENV)/.installed  ## writes docs/benchmarks.md with the ratios on 3.14 and 3.15 under each table
+	SID_ROOT=$(SID_ROOT) .ci/new-pythons --bench
+	$(BIN)/python -m benchmarks.run --other .sid/bench-3.14.json --other .sid/bench-3.15.json
 
 clean:
 	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build

@@ -1,26 +1,76 @@
 """Run every benchmark and write the tables to docs/benchmarks.md.
 
 Usage: python -m benchmarks.run  (or: make bench)
+
+Other interpreters' ratios: ``python -m benchmarks.run --ratios-only FILE.json`` on each of them
+writes that interpreter's ratios (nothing else); ``python -m benchmarks.run --other FILE.json ...``
+then adds them, one row per interpreter, under each table (make bench-new-pythons does both, for
+Python 3.14 and 3.15).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 from benchmarks import bench_context, bench_logging, bench_service, bench_watchdog
-from benchmarks.harness import table
+from benchmarks.harness import Result, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
+Sections = list[tuple[str, list[tuple[str, list[Result], str]]]]
 
-def main() -> None:
-    sections = [
+
+def run_sections() -> Sections:
+    return [
         ("Runtime context", bench_context.run_all()),
         ("Logging", bench_logging.run_all()),
         ("Watchdog", bench_watchdog.run_all()),
     ]
+
+
+def ratios(sections: Sections) -> dict[str, Any]:
+    """This interpreter's ratios, by table title and variant."""
+    tables = {
+        title: {r.name: round(r.ratio, 2) for r in rows}
+        for _, results in sections
+        for title, rows, _ in results
+    }
+    return {"python": platform.python_version(), "tables": tables}
+
+
+def other_rows(title: str, variants: list[str], others: list[dict[str, Any]]) -> str:
+    """One row per other interpreter under a table: its ratios only (times differ by build)."""
+    rows = [(other["python"], other["tables"][title]) for other in others if title in other["tables"]]
+    if not rows:
+        return ""
+    lines = ["| Python | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for python, ratio in rows:
+        lines.append(
+            f"| {python} | " + " | ".join(f"{ratio[v]:.2f}x" if v in ratio else "-" for v in variants) + " |"
+        )
+    return "Ratios to the baseline on other interpreters (same machine):\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
+    parser.add_argument(
+        "--ratios-only", type=Path, metavar="FILE", help="write this interpreter's ratios to FILE"
+    )
+    parser.add_argument(
+        "--other", type=Path, action="append", default=[], metavar="FILE", help="add these ratios"
+    )
+    args = parser.parse_args(argv)
+    others = [json.loads(path.read_text()) for path in args.other]
+    sections = run_sections()
+    if args.ratios_only:
+        args.ratios_only.write_text(json.dumps(ratios(sections), indent=1) + "\n")
+        print(f"wrote {args.ratios_only}")
+        return
     out = [
         "# Benchmarks",
         "",
@@ -49,6 +99,11 @@ def main() -> None:
         for title, rows, target in results:
             out += [table(title, rows, target=target)]
             print(table(title, rows, target=target))
+            extra = other_rows(title, [r.name for r in rows], others)
+            if extra:
+                out += [extra]
+    # Not run on the other interpreters: it needs a process of its own per server, and its table
+    # is about one service on this machine, not about an interpreter.
     service = bench_service.table(bench_service.run_all())
     print(service)
     out += ["## A request through a real service", "", service]

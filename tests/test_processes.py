@@ -15,7 +15,8 @@ from opentelemetry.sdk.trace import TracerProvider
 import threadctx
 
 JOIN = 60
-START_METHODS = ["fork", "spawn", "forkserver"]
+# Under "fork" the suite's own threads may be running (see the fork marker in conftest.py).
+START_METHODS = [pytest.param("fork", marks=pytest.mark.fork), "spawn", "forkserver"]
 
 
 @pytest.fixture(params=START_METHODS)

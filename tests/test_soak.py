@@ -16,7 +16,6 @@ import re
 import threading
 import time
 import tracemalloc
-import warnings
 
 import pytest
 from opentelemetry import context as otel_context
@@ -156,10 +155,7 @@ def test_repeated_forks_while_threads_work_every_child_is_usable(capsys: pytest.
         for attempt in range(forks):
             with threadctx.bound(request_id=f"parent-{attempt}"):
                 started = time.monotonic()
-                with warnings.catch_warnings():
-                    # 3.12+ warns that forking a multi-threaded process may deadlock: that is the point.
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    pid = os.fork()
+                pid = os.fork()  # beside working threads: see the fork marker in conftest.py
                 if pid == 0:  # the child: attach, bind, storage, snapshot, a log line; then leave
                     try:
                         ok = threadctx.correlation() == {"request_id": f"parent-{attempt}"}

@@ -9,7 +9,6 @@ import gc
 import os
 import sys
 import threading
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -329,10 +328,7 @@ def test_snapshot_never_raises_while_threads_start_and_stop() -> None:
 
 def _fork(child: Callable[[], None]) -> int:
     """Fork; run ``child`` in the child and exit 0 (1 on an exception); return the child's exit code."""
-    with warnings.catch_warnings():
-        # Python 3.12+ warns that fork() in a multi-threaded process may deadlock: that is the point.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
+    pid = os.fork()  # beside other threads: see the fork marker in conftest.py
     if pid == 0:  # pragma: no cover - runs in the child
         code = 0
         try:
