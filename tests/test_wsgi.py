@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from waitress.server import create_server
 from waitress.wasyncore import close_all
 
@@ -277,3 +279,50 @@ def test_inside_opentelemetrys_wsgi_middleware(
     assert lines.lines == [
         f"trace={trace_id} span={server_span.context.span_id:016x} request_id=r-otel inside"
     ]
+
+
+@pytest.mark.parametrize(
+    "baggage",
+    ["request_id=%E2%98%83", "request_id=a%20b%3Bc%22%2C%3Cscript%3E", "request_id=" + "x" * 200],
+    ids=["non-latin-1", "header-injection", "too-long"],
+)
+def test_a_request_id_from_baggage_passes_the_request_id_rule_before_it_is_echoed(
+    serve: Callable[[WSGIApplication], int], baggage: str
+) -> None:
+    """Issue 11.1: such baggage gave an HTTP 500 (waitress) or came back verbatim in X-Request-ID."""
+    before = threadctx.propagation_stats()["invalid_request_ids"]
+    headers, seen = run_once(serve, {"baggage": baggage})
+    assert re.fullmatch(r"[0-9a-f]{32}", seen["request_id"]), seen
+    assert headers["x-request-id"] == seen["request_id"]
+    assert threadctx.propagation_stats()["invalid_request_ids"] == before + 1
+    headers, seen = run_once(serve, {"baggage": "request_id=r-from-caller"})
+    assert headers["x-request-id"] == seen["request_id"] == "r-from-caller", "a valid one is still taken"
+
+
+def test_with_baggage_off_the_app_forwards_no_client_baggage(serve: Callable[[WSGIApplication], int]) -> None:
+    """Issue 11.2: with OTEL_PROPAGATORS=tracecontext the middleware forwarded every client's baggage."""
+    sent: list[dict[str, str]] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        sent.append(threadctx.inject({}))
+        start_response("200 OK", [])
+        return [b""]
+
+    saved = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator()]))
+    try:
+        port = serve(ContextMiddleware(app))
+        status, _, _ = get(port, "/", {"baggage": "session_token=abc", "X-Request-ID": "r-1"})
+    finally:
+        propagate.set_global_textmap(saved)
+    assert status == 200
+    assert sent == [{"baggage": "request_id=r-1"}]
+
+
+def test_a_generator_that_makes_an_invalid_id_is_an_error_not_a_header() -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        raise AssertionError("not reached")
+
+    middleware = ContextMiddleware(app, generate=lambda: "a b\r\nX: y")
+    with pytest.raises(ValueError, match="invalid request id"):
+        middleware({}, lambda status, headers, exc_info=None: lambda data: None)

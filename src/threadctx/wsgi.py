@@ -27,7 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.propagators.textmap import Getter
 
-from threadctx._correlation import correlation, merged, validate
+from threadctx._correlation import _show, correlation, merged, validate
 from threadctx._propagation import _count, extract
 
 if TYPE_CHECKING:
@@ -74,8 +74,8 @@ class ContextMiddleware:
        128 characters: ASCII letters, digits and ``. _ : / + = -``, starting
        with a letter or digit; an invalid one is counted in
        :func:`threadctx.propagation_stats` and never logged), else from the
-       incoming baggage (what :func:`threadctx.inject` sends), else
-       generates one;
+       incoming baggage (what :func:`threadctx.inject` sends) if it passes
+       the same rule, else generates one;
     3. binds it as a correlation ID for the request, including while the
        response body is produced, and sends it back in a response header;
     4. leaves the worker thread's context as it found it.
@@ -120,14 +120,26 @@ class ContextMiddleware:
 
     def _request_id(self, environ: WSGIEnvironment, context: Context) -> str:
         if not self.trust_incoming:
-            return self.generate()
+            return self._generated()
         incoming = environ.get(self._environ_key)
         if isinstance(incoming, str) and _REQUEST_ID.fullmatch(incoming):
             return incoming
         if incoming is not None:
             _count("invalid_request_ids")
-        # A caller that used threadctx.inject sent it as baggage (validated by extract).
-        return correlation(context).get(self.name) or self.generate()
+        # A caller that used threadctx.inject sent it as baggage: extract checked it only
+        # as a correlation ID, and it is echoed in a header, so it passes the same rule.
+        from_baggage = correlation(context).get(self.name)
+        if from_baggage is not None:
+            if _REQUEST_ID.fullmatch(from_baggage):
+                return from_baggage
+            _count("invalid_request_ids")
+        return self._generated()
+
+    def _generated(self) -> str:
+        request_id = self.generate()
+        if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
+            raise ValueError(f"generate() made an invalid request id: {_show(str(request_id))}")
+        return request_id
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Serve one request in its own context."""
