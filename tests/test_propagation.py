@@ -239,3 +239,19 @@ def test_a_tracestate_member_that_could_break_a_log_line_is_dropped(caplog: pyte
     assert dict(trace_state) == {"vendor": "ok"}
     assert threadctx.propagation_stats()["tracestate_members_cut"] == before + 2
     assert not [record for record in caplog.records if not record.getMessage().isprintable()]
+
+
+def test_attached_inside_a_server_span_keeps_it_as_the_parent(tracer_provider: TracerProvider) -> None:
+    """Issue 13.6: attached(headers) inside a request replaced the server span as parent of all below."""
+    tracer = tracer_provider.get_tracer("t")
+    with (
+        tracer.start_as_current_span("GET /orders", kind=trace.SpanKind.SERVER) as server,
+        threadctx.attached({"traceparent": VALID, "baggage": "request_id=r-9"}),
+    ):
+        assert trace.get_current_span() is server
+        assert threadctx.correlation() == {"request_id": "r-9"}
+    with (
+        tracer.start_as_current_span("consume", kind=trace.SpanKind.CONSUMER),
+        threadctx.attached({"traceparent": VALID}),
+    ):
+        assert remote() == (TRACE_ID, SPAN_ID), "any other span is replaced, as before"

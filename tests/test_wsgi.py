@@ -8,6 +8,7 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -326,3 +327,43 @@ def test_a_generator_that_makes_an_invalid_id_is_an_error_not_a_header() -> None
     middleware = ContextMiddleware(app, generate=lambda: "a b\r\nX: y")
     with pytest.raises(ValueError, match="invalid request id"):
         middleware({}, lambda status, headers, exc_info=None: lambda data: None)
+
+
+def test_an_asgi_application_is_refused_when_the_middleware_is_created() -> None:
+    """Issue 13.6: it was accepted, and every request then failed."""
+
+    async def asgi_app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("not reached")
+
+    class AsgiApp:
+        async def __call__(self, scope: object, receive: object, send: object) -> None:
+            raise AssertionError("not reached")
+
+    for app in (asgi_app, AsgiApp()):
+        with pytest.raises(TypeError, match=r"threadctx\.asgi\.ContextMiddleware"):
+            ContextMiddleware(app)  # type: ignore[arg-type]
+
+
+def test_a_file_wrapper_body_reaches_the_server_unwrapped(
+    serve: Callable[[WSGIApplication], int], tmp_path: Path
+) -> None:
+    """Issue 13.6: it was wrapped, so waitress could no longer send it as a file."""
+    path = tmp_path / "payload.bin"
+    path.write_bytes(b"x" * 100_000)
+    returned: list[object] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", str(path.stat().st_size))])
+        return environ["wsgi.file_wrapper"](path.open("rb"), 8192)  # type: ignore[no-any-return]
+
+    middleware = ContextMiddleware(app)
+
+    def recorder(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        body = middleware(environ, start_response)
+        returned.append((body, environ["wsgi.file_wrapper"]))
+        return body
+
+    status, headers, body = get(serve(recorder), "/", {"X-Request-ID": "r-file"})
+    assert (status, headers["x-request-id"], body) == (200, "r-file", path.read_bytes())
+    ((body_object, file_wrapper),) = returned
+    assert type(body_object) is file_wrapper, "the server's own file wrapper, not threadctx's _Body"

@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import propagate as otel_propagate
+from opentelemetry import trace as otel_trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import (
@@ -329,9 +330,17 @@ def attached(
     The thread's previous context is restored on exit, also on an exception.
     Yields the attached context.
 
+    Inside a request whose SERVER span is current (a framework
+    instrumentation started it), that span stays the parent: only the
+    carrier's baggage and correlation IDs are taken, as the middlewares do.
+
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       A current SERVER span is kept instead of replaced by the carrier's.
     """
-    context = extract(carrier, getter=getter)
+    current = otel_trace.get_current_span()
+    keep = current.is_recording() and getattr(current, "kind", None) is otel_trace.SpanKind.SERVER
+    context = extract(carrier, getter=getter, trace=not keep)
     token = otel_context.attach(context)
     try:
         yield context

@@ -17,18 +17,13 @@ incoming headers and this one binds the request id under that span::
 
 from __future__ import annotations
 
-import re
-import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace as otel_trace
 from opentelemetry.propagators.textmap import Getter
 
-from threadctx._correlation import _show, correlation, merged, validate
-from threadctx._propagation import _count, extract
+from threadctx._requests import RequestPolicy, is_async_callable, new_request_id, warn_outside
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
@@ -36,13 +31,6 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
 
 __all__ = ["ContextMiddleware", "EnvironGetter", "new_request_id"]
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
-
-
-def new_request_id() -> str:
-    """A new random request id: 32 lowercase hex digits."""
-    return uuid.uuid4().hex
 
 
 class EnvironGetter(Getter["WSGIEnvironment"]):
@@ -80,14 +68,24 @@ class ContextMiddleware:
        response body is produced, and sends it back in a response header;
     4. leaves the worker thread's context as it found it.
 
+    A ``wsgi.file_wrapper`` body is returned as it is, so that the server can
+    still send the file with ``sendfile()``: no application code runs while
+    it is sent.
+
     Args:
-        app: the WSGI application to wrap.
+        app: the WSGI application to wrap (an ASGI application is refused:
+            use :class:`threadctx.asgi.ContextMiddleware`).
         header: the request and response header of the request id.
         name: the correlation ID name it is bound under.
-        generate: makes a request id when the request brings no valid one.
+        generate: makes a request id when the request brings no valid one;
+            an id it makes that breaks the rule above is a ``ValueError``.
         trust_incoming: ``False`` ignores incoming request ids (header and
             baggage) and always generates one.
         response_header: ``False`` does not send the request id back.
+
+    Raises:
+        TypeError: ``app`` is an ASGI application.
+        ValueError: ``header`` or ``name`` is invalid.
     """
 
     def __init__(
@@ -100,57 +98,28 @@ class ContextMiddleware:
         trust_incoming: bool = True,
         response_header: bool = True,
     ) -> None:
-        validate(name, "")
-        if not re.fullmatch(r"[A-Za-z0-9-]+", header):
-            raise ValueError(f"header must be an HTTP header name, not {header!r}")
-        if type(app).__module__.startswith("opentelemetry.instrumentation.wsgi"):
-            warnings.warn(
-                "ContextMiddleware wraps OpenTelemetryMiddleware: correlation IDs are lost for "
-                "requests without a traceparent. Put it inside instead: "
-                "OpenTelemetryMiddleware(ContextMiddleware(app))",
-                stacklevel=2,
+        if is_async_callable(app):
+            raise TypeError(
+                f"{app!r} is an ASGI application: wrap it in threadctx.asgi.ContextMiddleware instead"
             )
+        self.policy = RequestPolicy(
+            header=header,
+            name=name,
+            generate=generate,
+            trust_incoming=trust_incoming,
+            response_header=response_header,
+        )
+        if type(app).__module__.startswith("opentelemetry.instrumentation.wsgi"):
+            warn_outside("OpenTelemetryMiddleware", "OpenTelemetryMiddleware(ContextMiddleware(app))", 2)
         self.app = app
-        self.header = header
-        self.name = name
-        self.generate = generate
-        self.trust_incoming = trust_incoming
-        self.response_header = response_header
-        self._environ_key = "HTTP_" + header.upper().replace("-", "_")
-
-    def _request_id(self, environ: WSGIEnvironment, context: Context) -> str:
-        if not self.trust_incoming:
-            return self._generated()
-        incoming = environ.get(self._environ_key)
-        if isinstance(incoming, str) and _REQUEST_ID.fullmatch(incoming):
-            return incoming
-        if incoming is not None:
-            _count("invalid_request_ids")
-        # A caller that used threadctx.inject sent it as baggage: extract checked it only
-        # as a correlation ID, and it is echoed in a header, so it passes the same rule.
-        from_baggage = correlation(context).get(self.name)
-        if from_baggage is not None:
-            if _REQUEST_ID.fullmatch(from_baggage):
-                return from_baggage
-            _count("invalid_request_ids")
-        return self._generated()
-
-    def _generated(self) -> str:
-        request_id = self.generate()
-        if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
-            raise ValueError(f"generate() made an invalid request id: {_show(str(request_id))}")
-        return request_id
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Serve one request in its own context."""
-        current = otel_context.get_current()
-        has_span = otel_trace.get_current_span(current).get_span_context().is_valid
-        context = extract(environ, context=current, getter=_GETTER, trace=not has_span)
-        request_id = self._request_id(environ, context)
-        context = merged({self.name: request_id}, context)
+        policy = self.policy
+        context, request_id = policy.enter(environ, _GETTER)
         respond = start_response
-        if self.response_header:
-            respond = _AddHeader(start_response, self.header, request_id)
+        if policy.response_header:
+            respond = _AddHeader(start_response, policy.header, request_id)
         token = otel_context.attach(context)
         try:
             body = self.app(environ, respond)
@@ -158,6 +127,9 @@ class ContextMiddleware:
             otel_context.detach(token)
         if isinstance(body, (list, tuple)):  # already produced: nothing runs later
             return body
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
+            return body  # the server may sendfile() it; only the file is read
         return _Body(body, context)
 
 
