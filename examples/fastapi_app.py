@@ -22,16 +22,14 @@ import os
 os.environ.setdefault("OTEL_PYTHON_CONTEXT", "threadctx")  # before OpenTelemetry is imported
 
 import asyncio
-import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import BackgroundTasks, Depends, FastAPI, WebSocket
 from fastapi.responses import StreamingResponse
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from span_file import configure_tracing
 from starlette.concurrency import run_in_threadpool
 
 import threadctx
@@ -42,34 +40,9 @@ FORMAT = "trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(messag
 log = logging.getLogger("service")
 
 
-class JsonLinesExporter(SpanExporter):
-    """Writes each finished span as one JSON line (for the tests that check the spans)."""
-
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the process
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        for span in spans:
-            context = span.get_span_context()
-            assert context is not None
-            record = {
-                "name": span.name,
-                "kind": span.kind.name,
-                "trace_id": format(context.trace_id, "032x"),
-                "span_id": format(context.span_id, "016x"),
-                "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
-            }
-            self._file.write(json.dumps(record) + "\n")
-        return SpanExportResult.SUCCESS
-
-
 def configure() -> None:
     """The set-up a service does once: a tracer provider, and the filter on the handler."""
-    provider = TracerProvider()
-    spans = os.environ.get("THREADCTX_EXAMPLE_SPANS")
-    if spans:
-        provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(spans)))
-    trace.set_tracer_provider(provider)
+    configure_tracing()
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(threadctx.ContextFilter())
     handler.setFormatter(logging.Formatter(FORMAT, defaults={"request_id": "-"}))

@@ -30,7 +30,16 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from opentelemetry.context import Context
 
-__all__ = ["ContextMiddleware", "EnvironGetter", "new_request_id"]
+__all__ = ["ENVIRON_CONTEXT", "ContextMiddleware", "EnvironGetter", "new_request_id"]
+
+ENVIRON_CONTEXT = "threadctx.context"
+"""The environ key under which the middlewares leave the request's context.
+
+For what runs after the application has returned, outside its context: a
+server's access log (see the gunicorn how-to).
+
+.. versionadded:: 0.2.0
+"""
 
 
 class EnvironGetter(Getter["WSGIEnvironment"]):
@@ -117,6 +126,7 @@ class ContextMiddleware:
         """Serve one request in its own context."""
         policy = self.policy
         context, request_id = policy.enter(environ, _GETTER)
+        environ[ENVIRON_CONTEXT] = context
         respond = start_response
         if policy.response_header:
             respond = _AddHeader(start_response, policy.header, request_id)

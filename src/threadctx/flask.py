@@ -1,0 +1,98 @@
+"""Flask: each request runs in its caller's context, with a request id.
+
+::
+
+    from threadctx.flask import init_app
+
+    FlaskInstrumentor().instrument_app(app)  # if you use it: before init_app
+    init_app(app)
+
+Without OpenTelemetry's ``FlaskInstrumentor``, ``app.wsgi_app =
+threadctx.wsgi.ContextMiddleware(app.wsgi_app)`` does the same job. Beside
+it, that WSGI middleware is outside the SERVER span, which the instrumentor
+starts in a ``before_request`` hook from the headers alone: the correlation
+IDs would be lost, and the span would become INTERNAL when a
+``traceparent`` came in. :func:`init_app` registers hooks that run after the
+instrumentor's (Flask runs ``before_request`` hooks in the order they were
+registered), keep its span and bind the request id under it.
+
+.. versionadded:: 0.2.0
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import flask
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+
+from threadctx._requests import RequestPolicy, new_request_id
+from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
+
+__all__ = ["init_app"]
+
+_GETTER = EnvironGetter()
+_TOKEN = "threadctx.token"
+_REQUEST_ID = "threadctx.request_id"
+
+
+def init_app(
+    app: flask.Flask,
+    *,
+    header: str = "X-Request-ID",
+    name: str = "request_id",
+    generate: Callable[[], str] = new_request_id,
+    trust_incoming: bool = True,
+    response_header: bool = True,
+) -> None:
+    """Bind a request id and the caller's context for each request of ``app``.
+
+    The options and the request-id rule are those of
+    :class:`threadctx.wsgi.ContextMiddleware`. Call it after
+    ``FlaskInstrumentor().instrument_app(app)``; called before, the first
+    request warns (the instrumentor's span would be INTERNAL).
+
+    .. versionadded:: 0.2.0
+    """
+    policy = RequestPolicy(
+        header=header,
+        name=name,
+        generate=generate,
+        trust_incoming=trust_incoming,
+        response_header=response_header,
+    )
+    warned: list[bool] = []
+
+    def bind() -> None:
+        environ = flask.request.environ
+        if getattr(app, "_is_instrumented_by_opentelemetry", False) and not warned:
+            span = otel_trace.get_current_span()
+            if not (span.is_recording() and getattr(span, "kind", None) is otel_trace.SpanKind.SERVER):
+                warned.append(True)
+                warnings.warn(
+                    "threadctx.flask.init_app(app) was called before "
+                    "FlaskInstrumentor().instrument_app(app): its span is INTERNAL. Call init_app after it.",
+                    stacklevel=1,
+                )
+        context, request_id = policy.enter(environ, _GETTER)
+        environ[ENVIRON_CONTEXT] = context
+        environ[_TOKEN] = otel_context.attach(context)
+        environ[_REQUEST_ID] = request_id
+
+    def add_header(response: Any) -> Any:
+        request_id = flask.request.environ.get(_REQUEST_ID)
+        if policy.response_header and request_id is not None and header not in response.headers:
+            response.headers[header] = request_id
+        return response
+
+    def unbind(_: BaseException | None) -> None:
+        token = flask.request.environ.pop(_TOKEN, None)
+        if token is not None:
+            otel_context.detach(token)
+
+    app.before_request(bind)
+    app.after_request(add_header)
+    app.teardown_request(unbind)

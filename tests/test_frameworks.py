@@ -1,0 +1,128 @@
+"""Flask and Django under gunicorn's gthread workers: real processes, concurrent clients, every line."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _servers import (
+    LINE,
+    app_lines,
+    clean_env,
+    concurrent_requests,
+    free_port,
+    get,
+    misattributed,
+    python,
+    running,
+)
+
+CLIENTS = 16
+PER_CLIENT = 4
+APPS = {"flask": "flask_app:app", "django": "django_project.wsgi"}
+INSTRUMENTATION = {
+    "flask": "opentelemetry.instrumentation.flask",
+    "django": "opentelemetry.instrumentation.django",
+}
+ACCESS = re.compile(
+    r'access 127\.0\.0\.1 "GET (?P<path>\S+) HTTP/1\.1" 200 '
+    r"request_id=(?P<rid>\S+) trace_id=(?P<trace>[0-9a-f]{32})"
+)
+
+
+def serve(framework: str, tmp_path: Path, instrument: bool) -> Any:
+    pytest.importorskip("gunicorn", reason="gunicorn is in the test extras")
+    pytest.importorskip(framework, reason=f"{framework} is in the test extras")
+    if instrument:
+        pytest.importorskip(INSTRUMENTATION[framework], reason="the contrib packages are in the test extras")
+    port = free_port()
+    spans = tmp_path / "spans.jsonl"
+    env = clean_env(
+        THREADCTX_EXAMPLE_SPANS=str(spans), THREADCTX_EXAMPLE_INSTRUMENT="1" if instrument else "0"
+    )
+    command = python(
+        "-m", "gunicorn", "-c", "gunicorn_conf.py", "--bind", f"127.0.0.1:{port}", APPS[framework]
+    )
+    return running(command, port, tmp_path / "gunicorn.log", env), spans
+
+
+def read_spans(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("instrument", [False, True], ids=["plain", "instrumented"])
+@pytest.mark.parametrize("framework", ["flask", "django"])
+def test_every_line_of_concurrent_requests_belongs_to_its_request(
+    framework: str, instrument: bool, tmp_path: Path
+) -> None:
+    """Issue 13.3, 13.4, 13.5, 13.6: lines, spans and the access log under gunicorn gthread."""
+    server_context, spans_path = serve(framework, tmp_path, instrument)
+    with server_context as server:
+        sent = concurrent_requests(server.port, lambda name: f"/work/{name}", CLIENTS, PER_CLIENT)
+        status, untraced, body = get(server.port, "/work/untraced", {"X-Request-ID": "r-untraced"})
+        output = server.stop()
+    assert (status, untraced["x-request-id"], json.loads(body)) == (
+        200,
+        "r-untraced",
+        {"request_id": "r-untraced"},
+    )
+    for name, request in sent.items():
+        assert (request.status, request.echoed) == (200, request.request_id), name
+        assert json.loads(request.body) == {"request_id": request.request_id}
+
+    lines = app_lines(output)
+    ours = [line for line in lines if not line.endswith(" untraced")]
+    assert len(ours) == 3 * len(sent), output[-3000:]
+    assert misattributed(ours, sent) == []
+    untraced_lines = [LINE.match(line) for line in lines if line.endswith(" untraced")]
+    assert [match["rid"] for match in untraced_lines if match] == ["r-untraced"] * 3, (
+        "without a traceparent the request id is kept too (the instrumentor used to drop it)"
+    )
+
+    spans = read_spans(spans_path)
+    by_id = {span["span_id"]: span for span in spans}
+    work = [span for span in spans if span["name"] == "work"]
+    assert len(work) == len(sent) + 1
+    if instrument:
+        servers = [span for span in spans if span["kind"] == "SERVER"]
+        assert len(servers) == len(sent) + 1
+        assert {span["name"] for span in servers} == {
+            "GET /work/<name>" if framework == "flask" else "GET work/<str:name>"
+        }, "the framework's span keeps its kind and its route name"
+        for span in work:
+            assert by_id[span["parent_id"]]["kind"] == "SERVER"
+        remote = sorted((span["trace_id"], span["parent_id"]) for span in servers if span["parent_id"])
+    else:
+        remote = sorted((span["trace_id"], span["parent_id"]) for span in work if span["parent_id"])
+    assert remote == sorted((request.trace_id, request.span_id) for request in sent.values())
+
+    access = [ACCESS.match(line) for line in output.splitlines() if line.startswith("access ")]
+    assert len(access) == len(sent) + 1, output[-3000:]
+    assert all(access), output[-3000:]
+    by_path = {match["path"]: match for match in access if match}
+    for name, request in sent.items():
+        match = by_path[f"/work/{name}"]
+        assert (match["rid"], match["trace"]) == (request.request_id, request.trace_id), match.group(0)
+    assert by_path["/work/untraced"]["rid"] == "r-untraced"
+    assert by_path["/work/untraced"]["trace"] != "0" * 32 or not instrument
+
+
+def test_a_hostile_request_id_is_replaced_under_gunicorn(tmp_path: Path) -> None:
+    server_context, _ = serve("flask", tmp_path, instrument=False)
+    with server_context as server:
+        status, headers, body = get(
+            server.port, "/work/hostile", {"baggage": "request_id=a%20b%3Bc%22%2C%3Cscript%3E"}
+        )
+        traceparent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+        status2, headers2, _ = get(
+            server.port, "/work/h2", {"X-Request-ID": "a\tb", "traceparent": traceparent}
+        )
+    assert (status, status2) == (200, 200)
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
+    assert json.loads(body) == {"request_id": headers["x-request-id"]}
+    assert re.fullmatch(r"[0-9a-f]{32}", headers2["x-request-id"])
