@@ -126,3 +126,46 @@ def test_a_hostile_request_id_is_replaced_under_gunicorn(tmp_path: Path) -> None
     assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
     assert json.loads(body) == {"request_id": headers["x-request-id"]}
     assert re.fullmatch(r"[0-9a-f]{32}", headers2["x-request-id"])
+
+
+def test_flask_init_app_before_the_instrumentor_warns_at_the_first_request(
+    tracer_provider: Any,
+) -> None:
+    flask = pytest.importorskip("flask")
+    instrumentation = pytest.importorskip("opentelemetry.instrumentation.flask")
+    from threadctx.flask import init_app
+
+    app = flask.Flask("wrong_order")
+    app.get("/")(lambda: "ok")
+    init_app(app)
+    instrumentation.FlaskInstrumentor().instrument_app(app, tracer_provider=tracer_provider)
+    try:
+        with pytest.warns(UserWarning, match="Call init_app after it"):
+            response = app.test_client().get("/", headers={"X-Request-ID": "r-1"})
+        assert response.headers["X-Request-ID"] == "r-1"
+    finally:
+        instrumentation.FlaskInstrumentor().uninstrument_app(app)
+
+
+def test_django_streaming_content_is_produced_in_the_requests_context() -> None:
+    pytest.importorskip("django")
+    from django.conf import settings
+    from django.http import HttpRequest, StreamingHttpResponse
+
+    import threadctx
+    from threadctx.django import ContextMiddleware
+
+    if not settings.configured:
+        settings.configure(DEFAULT_CHARSET="utf-8")
+
+    def chunks() -> Any:
+        yield threadctx.correlation()["request_id"].encode()
+
+    middleware = ContextMiddleware(lambda request: StreamingHttpResponse(chunks()))
+    request = HttpRequest()
+    request.META["HTTP_X_REQUEST_ID"] = "r-stream"
+    response = middleware(request)
+    assert threadctx.correlation() == {}
+    assert b"".join(response) == b"r-stream"
+    assert response["X-Request-ID"] == "r-stream"
+    response.close()

@@ -367,3 +367,33 @@ def test_a_file_wrapper_body_reaches_the_server_unwrapped(
     assert (status, headers["x-request-id"], body) == (200, "r-file", path.read_bytes())
     ((body_object, file_wrapper),) = returned
     assert type(body_object) is file_wrapper, "the server's own file wrapper, not threadctx's _Body"
+
+
+def test_waitress_access_lines_carry_the_request_id_and_trace_id(
+    serve: Callable[[WSGIApplication], int],
+) -> None:
+    """Issue 13.5: waitress has no access log; TransLogger inside the middleware writes one in context."""
+    translogger = pytest.importorskip("paste.translogger", reason="paste is in the test extras")
+    handler = Lines()
+    handler.setFormatter(logging.Formatter("access trace=%(trace_id)s request_id=%(request_id)s %(message)s"))
+    access = logging.getLogger("waitress.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    logged = translogger.TransLogger(app, logger_name="waitress.access", setup_console_handler=False)
+    try:
+        port = serve(ContextMiddleware(logged))
+        trace_id = secrets.token_hex(16)
+        traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+        status, _, _ = get(port, "/orders?x=1", {"traceparent": traceparent, "X-Request-ID": "r-acc"})
+    finally:
+        access.removeHandler(handler)
+    assert status == 200
+    (line,) = handler.lines
+    assert re.match(
+        rf'access trace={trace_id} request_id=r-acc 127\.0\.0\.1 - - \[.*\] "GET /orders\?x=1 ', line
+    )
