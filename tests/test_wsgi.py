@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import logging
 import re
 import secrets
@@ -21,6 +20,7 @@ from waitress.server import create_server
 from waitress.wasyncore import close_all
 
 import threadctx
+from _servers import get
 from threadctx.wsgi import ContextMiddleware
 
 if TYPE_CHECKING:
@@ -79,16 +79,6 @@ def serve() -> Iterator[Callable[[WSGIApplication], int]]:
         thread.join(JOIN)
         assert not thread.is_alive()
         server.task_dispatcher.shutdown()
-
-
-def get(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=JOIN)
-    try:
-        connection.request("GET", path, headers=headers)
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
 
 
 def state() -> tuple[bool, dict[str, str]]:

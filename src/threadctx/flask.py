@@ -27,7 +27,6 @@ from typing import Any
 
 import flask
 from opentelemetry import context as otel_context
-from opentelemetry import trace as otel_trace
 
 from threadctx._requests import RequestPolicy, new_request_id
 from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
@@ -37,6 +36,15 @@ __all__ = ["init_app"]
 _GETTER = EnvironGetter()
 _TOKEN = "threadctx.token"
 _REQUEST_ID = "threadctx.request_id"
+_OTEL_STARTED = "opentelemetry-flask.starttime_key"  # what FlaskInstrumentor leaves in the environ
+_OTEL_SPAN = "opentelemetry-flask.span_key"
+
+
+def _otel_excluded(url: str) -> bool:
+    """Whether FlaskInstrumentor skips ``url`` (``OTEL_PYTHON_FLASK_EXCLUDED_URLS``)."""
+    from opentelemetry.util.http import get_excluded_urls
+
+    return bool(get_excluded_urls("FLASK").url_disabled(url))
 
 
 def init_app(
@@ -68,15 +76,16 @@ def init_app(
 
     def bind() -> None:
         environ = flask.request.environ
-        if getattr(app, "_is_instrumented_by_opentelemetry", False) and not warned:
-            span = otel_trace.get_current_span()
-            if not (span.is_recording() and getattr(span, "kind", None) is otel_trace.SpanKind.SERVER):
-                warned.append(True)
-                warnings.warn(
-                    "threadctx.flask.init_app(app) was called before "
-                    "FlaskInstrumentor().instrument_app(app): its span is INTERNAL. Call init_app after it.",
-                    stacklevel=1,
-                )
+        # The instrumentor's WSGI wrapper ran (it notes the start time) but its before_request
+        # hook, which notes the span, has not: it was registered after this one.
+        started = _OTEL_STARTED in environ and _OTEL_SPAN not in environ
+        if started and not warned and not _otel_excluded(flask.request.url):
+            warned.append(True)
+            warnings.warn(
+                "threadctx.flask.init_app(app) was called before "
+                "FlaskInstrumentor().instrument_app(app): its span is INTERNAL. Call init_app after it.",
+                stacklevel=1,
+            )
         context, request_id = policy.enter(environ, _GETTER)
         environ[ENVIRON_CONTEXT] = context
         environ[_TOKEN] = otel_context.attach(context)
