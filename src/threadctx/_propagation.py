@@ -208,8 +208,18 @@ def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[st
     return _valid_ids(pairs)
 
 
+_sends_baggage: tuple[object, bool] = (None, False)
+
+
 def _propagator_sends_baggage() -> bool:
-    return _BAGGAGE in otel_propagate.get_global_textmap().fields
+    """Whether the configured propagators carry ``baggage`` (cached per propagator object)."""
+    global _sends_baggage  # noqa: PLW0603 - a one-entry cache, replaced whole
+    textmap = otel_propagate.get_global_textmap()
+    cached, sends = _sends_baggage
+    if cached is not textmap:
+        sends = _BAGGAGE in textmap.fields
+        _sends_baggage = (textmap, sends)
+    return sends
 
 
 def inject(

@@ -21,7 +21,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
-from threadctx._correlation import _show, correlation, merged, validate
+from threadctx._correlation import MAX_IDS, _show, _with_ids, correlation, merged, validate
 from threadctx._propagation import _count, extract
 
 __all__ = ["REQUEST_ID", "RequestPolicy", "is_async_callable", "new_request_id", "warn_outside"]
@@ -99,7 +99,11 @@ class RequestPolicy:
         has_span = otel_trace.get_current_span(current).get_span_context().is_valid
         context = extract(carrier, context=current, getter=getter, trace=not has_span)
         request_id = self._request_id(getter.get(carrier, self.header), context)
-        return merged({self.name: request_id}, context), request_id
+        ids = correlation(context)
+        if len(ids) >= MAX_IDS:  # rare: let merged() say why it is refused
+            return merged({self.name: request_id}, context), request_id
+        # The name was validated when the policy was made, and the rule is stricter than validate().
+        return _with_ids({**ids, self.name: request_id}, context), request_id
 
     def _request_id(self, incoming: list[str] | None, context: Context) -> str:
         if not self.trust_incoming:

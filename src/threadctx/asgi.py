@@ -68,7 +68,24 @@ def _headers(scope: Scope) -> Iterable[tuple[bytes, bytes]]:
     return headers
 
 
-_GETTER = ScopeGetter()
+class _HeadersGetter(Getter[dict[str, list[str]]]):
+    """Reads the headers of one request, gathered once by name (the middleware's own getter)."""
+
+    def get(self, carrier: dict[str, list[str]], key: str) -> list[str] | None:
+        return carrier.get(key.lower())
+
+    def keys(self, carrier: dict[str, list[str]]) -> list[str]:
+        return list(carrier)
+
+
+def _gathered(scope: Scope) -> dict[str, list[str]]:
+    headers: dict[str, list[str]] = {}
+    for name, value in _headers(scope):
+        headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    return headers
+
+
+_GETTER = _HeadersGetter()
 
 
 class ContextMiddleware:
@@ -135,7 +152,7 @@ class ContextMiddleware:
             await self.app(scope, receive, send)
             return
         policy = self.policy
-        context, request_id = policy.enter(scope, _GETTER)
+        context, request_id = policy.enter(_gathered(scope), _GETTER)
         if policy.response_header:
             send = _AddHeader(send, self._header, request_id.encode("latin-1"))
         token = otel_context.attach(context)
