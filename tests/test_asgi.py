@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 
 import threadctx
 from _servers import (
@@ -316,3 +317,31 @@ def test_uvicorns_access_log_line_carries_the_request_id_and_trace_id(
         rf'access trace_id={trace_id} request_id=r-log 127\.0\.0\.1:\d+ - "GET /async/a1 HTTP/1\.1" 200',
         access,
     ), access
+
+
+@pytest.mark.parametrize("with_traceparent", [True, False])
+def test_inside_opentelemetrys_asgi_middleware(
+    tracer_provider: Any, exporter: Any, with_traceparent: bool
+) -> None:
+    """OpenTelemetryMiddleware(ContextMiddleware(app)): its SERVER span is kept, the ids bound under it."""
+    asgi = pytest.importorskip("opentelemetry.instrumentation.asgi")
+    seen: list[tuple[object, dict[str, str]]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((trace.get_current_span(), dict(threadctx.correlation())))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    headers = [("X-Request-ID", "r-otel"), ("baggage", "tenant=t")]
+    if with_traceparent:
+        headers.append(("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))
+    scope = http_scope(*headers) | {"scheme": "http", "server": ("127.0.0.1", 80), "query_string": b""}
+    middleware = asgi.OpenTelemetryMiddleware(ContextMiddleware(app), tracer_provider=tracer_provider)
+    sent = call(middleware, scope)
+    assert (b"x-request-id", b"r-otel") in sent[0]["headers"]
+    ((span, ids),) = seen
+    assert ids == {"request_id": "r-otel"}
+    (server,) = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
+    assert span.get_span_context().span_id == server.context.span_id
+    if with_traceparent:
+        assert format(server.context.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import threadctx
+from threadctx.asgi import ContextMiddleware as AsgiContextMiddleware
 from threadctx.wsgi import ContextMiddleware
 
 EXAMPLES = int(os.environ.get("THREADCTX_FUZZ_EXAMPLES", "300"))
@@ -185,3 +187,33 @@ def test_baggage_off_nothing_but_allowlisted_ids_crosses(baggage_header: str, na
         propagate.set_global_textmap(saved)
     members = [member for member in sent.get("baggage", "").split(",") if member]
     assert {member.partition("=")[0] for member in members} <= threadctx.propagated()
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    request_id=st.one_of(
+        st.none(), st.binary(max_size=300), st.builds(str.encode, st.from_regex(r"[ -~]{0,140}"))
+    ),
+    baggage_header=st.builds(lambda text: text.encode("latin-1", "replace"), baggage_request_ids),
+)
+@example(request_id=None, baggage_header=b"request_id=a%20b%3Bc%22%2C%3Cscript%3E")
+def test_asgi_request_id_header(request_id: bytes | None, baggage_header: bytes) -> None:
+    """The ASGI middleware echoes only what passes the request-id rule, from header or baggage."""
+    seen: dict[str, str] = {}
+    sent: list[dict[str, Any]] = []
+    headers = [(b"baggage", baggage_header)]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.update(threadctx.correlation())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(AsgiContextMiddleware(app)({"type": "http", "headers": headers}, None, send))  # type: ignore[arg-type]
+    ((name, value),) = sent[0]["headers"]
+    assert name == b"x-request-id"
+    assert re.fullmatch(rb"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}", value)
+    assert value.decode() == seen["request_id"]
