@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from typing import Final, TypeVar
 from urllib.parse import quote, unquote
@@ -208,18 +209,36 @@ def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[st
     return _valid_ids(pairs)
 
 
-_sends_baggage: tuple[object, bool] = (None, False)
+_fields_cache: tuple[object, frozenset[str]] = (None, frozenset())
+
+
+def _propagator_fields() -> frozenset[str]:
+    """The headers the configured propagators use (cached per propagator object)."""
+    global _fields_cache  # noqa: PLW0603 - a one-entry cache, replaced whole
+    textmap = otel_propagate.get_global_textmap()
+    cached, fields = _fields_cache
+    if cached is not textmap:
+        fields = frozenset(textmap.fields)
+        _fields_cache = (textmap, fields)
+    return fields
 
 
 def _propagator_sends_baggage() -> bool:
-    """Whether the configured propagators carry ``baggage`` (cached per propagator object)."""
-    global _sends_baggage  # noqa: PLW0603 - a one-entry cache, replaced whole
-    textmap = otel_propagate.get_global_textmap()
-    cached, sends = _sends_baggage
-    if cached is not textmap:
-        sends = _BAGGAGE in textmap.fields
-        _sends_baggage = (textmap, sends)
-    return sends
+    return _BAGGAGE in _propagator_fields()
+
+
+def carries_context(
+    carrier: CarrierT, getter: Getter[CarrierT], names: AbstractSet[str] | None = None
+) -> bool:
+    """Whether ``carrier`` has any header that :func:`extract` reads (its own ``baggage`` too).
+
+    ``names``, the carrier's header names in lowercase if the caller has them, saves the lookups.
+    """
+    if names is not None:
+        return _BAGGAGE in names or not _propagator_fields().isdisjoint(names)
+    if getter.get(carrier, _BAGGAGE) is not None:
+        return True
+    return any(getter.get(carrier, field) is not None for field in _propagator_fields())
 
 
 def inject(

@@ -14,15 +14,17 @@ import re
 import uuid
 import warnings
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Final, TypeVar
 
+from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
 from threadctx._correlation import MAX_IDS, _show, _with_ids, correlation, merged, validate
-from threadctx._propagation import _count, extract
+from threadctx._propagation import _count, carries_context, extract
 
 __all__ = ["REQUEST_ID", "RequestPolicy", "is_async_callable", "new_request_id", "warn_outside"]
 
@@ -87,17 +89,23 @@ class RequestPolicy:
         self.trust_incoming = trust_incoming
         self.response_header = response_header
 
-    def enter(self, carrier: C, getter: Getter[C]) -> tuple[Context, str]:
+    def enter(
+        self, carrier: C, getter: Getter[C], names: AbstractSet[str] | None = None
+    ) -> tuple[Context, str]:
         """The context to serve the request in, and its request id.
 
         The incoming trace context and allowlisted baggage are extracted
         (only the baggage when a server span is already current: an
         OpenTelemetry middleware outside started it), and the request id is
-        bound under :attr:`name`.
+        bound under :attr:`name`. ``names``: the carrier's header names in
+        lowercase, if the adapter has them at hand.
         """
-        current = otel_context.get_current()
-        has_span = otel_trace.get_current_span(current).get_span_context().is_valid
-        context = extract(carrier, context=current, getter=getter, trace=not has_span)
+        context = current = otel_context.get_current()
+        if carries_context(carrier, getter, names) or otel_baggage.get_all(
+            current
+        ):  # else: what extract returns
+            has_span = otel_trace.get_current_span(current).get_span_context().is_valid
+            context = extract(carrier, context=current, getter=getter, trace=not has_span)
         request_id = self._request_id(getter.get(carrier, self.header), context)
         ids = correlation(context)
         if len(ids) >= MAX_IDS:  # rare: let merged() say why it is refused

@@ -152,7 +152,8 @@ class ContextMiddleware:
             await self.app(scope, receive, send)
             return
         policy = self.policy
-        context, request_id = policy.enter(_gathered(scope), _GETTER)
+        headers = _gathered(scope)
+        context, request_id = policy.enter(headers, _GETTER, headers.keys())
         if policy.response_header:
             send = _AddHeader(send, self._header, request_id.encode("latin-1"))
         token = otel_context.attach(context)
