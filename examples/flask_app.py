@@ -59,7 +59,7 @@ if os.environ.get("THREADCTX_EXAMPLE_INSTRUMENT") == "1":
     from opentelemetry.instrumentation.flask import FlaskInstrumentor
 
     FlaskInstrumentor().instrument_app(app)
-init_app(app)  # after the instrumentor: its hooks then run inside the SERVER span
+init_app(app)  # before or after the instrumentor: its hooks run inside the SERVER span
 
 
 @app.get("/work/<name>")

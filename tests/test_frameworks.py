@@ -128,23 +128,46 @@ def test_a_hostile_request_id_is_replaced_under_gunicorn(tmp_path: Path) -> None
     assert re.fullmatch(r"[0-9a-f]{32}", headers2["x-request-id"])
 
 
-def test_flask_init_app_before_the_instrumentor_warns_at_the_first_request(
-    tracer_provider: Any,
+@pytest.mark.parametrize("init_first", [True, False], ids=["init_app-first", "instrumentor-first"])
+def test_flask_init_app_beside_the_instrumentor_in_either_order(
+    tracer_provider: Any, exporter: Any, init_first: bool
 ) -> None:
+    """Issue 13.6: in the order a user writes them, a SERVER span with its route and the ids under it."""
     flask = pytest.importorskip("flask")
     instrumentation = pytest.importorskip("opentelemetry.instrumentation.flask")
+    from opentelemetry import trace
+
+    import threadctx
     from threadctx.flask import init_app
 
-    app = flask.Flask("wrong_order")
-    app.get("/")(lambda: "ok")
-    init_app(app)
+    seen: list[tuple[object, dict[str, str]]] = []
+    app = flask.Flask("either_order")
+
+    @app.get("/orders/<name>")
+    def orders(name: str) -> str:
+        seen.append((trace.get_current_span().get_span_context().span_id, dict(threadctx.correlation())))
+        return name
+
+    if init_first:
+        init_app(app)
     instrumentation.FlaskInstrumentor().instrument_app(app, tracer_provider=tracer_provider)
+    if not init_first:
+        init_app(app)
     try:
-        with pytest.warns(UserWarning, match="Call init_app after it"):
-            response = app.test_client().get("/", headers={"X-Request-ID": "r-1"})
-        assert response.headers["X-Request-ID"] == "r-1"
+        client = app.test_client()
+        for index, traceparent in enumerate(
+            [f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01", None] * 2
+        ):
+            headers = {"X-Request-ID": f"r-{index}"} | ({"traceparent": traceparent} if traceparent else {})
+            response = client.get(f"/orders/{index}", headers=headers)
+            assert response.headers["X-Request-ID"] == f"r-{index}"
+            assert threadctx.correlation() == {}, "nothing is left attached after the request"
+            assert not trace.get_current_span().get_span_context().is_valid
     finally:
         instrumentation.FlaskInstrumentor().uninstrument_app(app)
+    spans = exporter.get_finished_spans()
+    assert [(span.kind, span.name) for span in spans] == [(trace.SpanKind.SERVER, "GET /orders/<name>")] * 4
+    assert seen == [(span.context.span_id, {"request_id": f"r-{index}"}) for index, span in enumerate(spans)]
 
 
 def test_django_streaming_content_is_produced_in_the_requests_context() -> None:

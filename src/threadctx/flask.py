@@ -4,7 +4,7 @@
 
     from threadctx.flask import init_app
 
-    FlaskInstrumentor().instrument_app(app)  # if you use it: before init_app
+    FlaskInstrumentor().instrument_app(app)  # if you use it, in either order
     init_app(app)
 
 Without OpenTelemetry's ``FlaskInstrumentor``, ``app.wsgi_app =
@@ -14,14 +14,15 @@ starts in a ``before_request`` hook from the headers alone: the correlation
 IDs would be lost, and the span would become INTERNAL when a
 ``traceparent`` came in. :func:`init_app` registers hooks that run after the
 instrumentor's (Flask runs ``before_request`` hooks in the order they were
-registered), keep its span and bind the request id under it.
+registered; called first, they move behind the instrumentor's at the first
+request), keep its span and bind the request id under it.
 
 .. versionadded:: 0.2.0
 """
 
 from __future__ import annotations
 
-import warnings
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -59,9 +60,10 @@ def init_app(
     """Bind a request id and the caller's context for each request of ``app``.
 
     The options and the request-id rule are those of
-    :class:`threadctx.wsgi.ContextMiddleware`. Call it after
-    ``FlaskInstrumentor().instrument_app(app)``; called before, the first
-    request warns (the instrumentor's span would be INTERNAL).
+    :class:`threadctx.wsgi.ContextMiddleware`. Beside
+    ``FlaskInstrumentor().instrument_app(app)``, in either order, its hooks run
+    inside the instrumentor's SERVER span (called first, they move behind
+    the instrumentor's at the first request).
 
     .. versionadded:: 0.2.0
     """
@@ -72,24 +74,33 @@ def init_app(
         trust_incoming=trust_incoming,
         response_header=response_header,
     )
-    warned: list[bool] = []
+    moved: list[bool] = []
+    lock = threading.Lock()
 
-    def bind() -> None:
+    def bind_now() -> None:
         environ = flask.request.environ
-        # The instrumentor's WSGI wrapper ran (it notes the start time) but its before_request
-        # hook, which notes the span, has not: it was registered after this one.
-        started = _OTEL_STARTED in environ and _OTEL_SPAN not in environ
-        if started and not warned and not _otel_excluded(flask.request.url):
-            warned.append(True)
-            warnings.warn(
-                "threadctx.flask.init_app(app) was called before "
-                "FlaskInstrumentor().instrument_app(app): its span is INTERNAL. Call init_app after it.",
-                stacklevel=1,
-            )
         context, request_id = policy.enter(environ, _GETTER)
         environ[ENVIRON_CONTEXT] = context
         environ[_TOKEN] = otel_context.attach(context)
         environ[_REQUEST_ID] = request_id
+
+    def bind() -> None:
+        if moved:  # bind_now runs after the instrumentor's hook now
+            return
+        environ = flask.request.environ
+        # The instrumentor's WSGI wrapper ran (it notes the start time) but its before_request
+        # hook, which notes the span, has not: it was registered after this one. Move behind
+        # it: Flask is iterating the list of hooks, and will call what is appended to it.
+        if _OTEL_STARTED in environ and _OTEL_SPAN not in environ and not _otel_excluded(flask.request.url):
+            with lock:
+                if not moved:
+                    app.before_request_funcs.setdefault(None, []).append(bind_now)
+                    teardowns = app.teardown_request_funcs.setdefault(None, [])
+                    teardowns.remove(unbind)
+                    teardowns.append(unbind)  # Flask calls them in reverse: before the instrumentor's
+                    moved.append(True)
+            return
+        bind_now()
 
     def add_header(response: Any) -> Any:
         request_id = flask.request.environ.get(_REQUEST_ID)
