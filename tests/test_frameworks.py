@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +193,21 @@ def test_django_streaming_content_is_produced_in_the_requests_context() -> None:
     assert b"".join(response) == b"r-stream"
     assert response["X-Request-ID"] == "r-stream"
     response.close()
+
+
+def test_django_middleware_before_opentelemetrys_warns_when_loaded() -> None:
+    pytest.importorskip("django")
+    from django.conf import settings
+    from django.test import override_settings
+
+    from threadctx.django import ContextMiddleware
+
+    if not settings.configured:
+        settings.configure(DEFAULT_CHARSET="utf-8")
+    otel = "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
+    ours = "threadctx.django.ContextMiddleware"
+    with override_settings(MIDDLEWARE=[ours, otel]), pytest.warns(UserWarning, match="Put it after"):
+        ContextMiddleware(lambda request: None)
+    with override_settings(MIDDLEWARE=[otel, ours]), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ContextMiddleware(lambda request: None)

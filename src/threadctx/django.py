@@ -16,7 +16,7 @@ This class runs inside that span, keeps it, and binds the request id under
 it. Without ``DjangoInstrumentor``, :class:`threadctx.wsgi.ContextMiddleware`
 around ``get_wsgi_application()`` does the same job.
 
-It imports nothing from Django. To change an option, subclass it and set the
+It imports nothing from Django at import time. To change an option, subclass it and set the
 class attributes (``header``, ``name``, ``trust_incoming``, ``response_header``)
 or the ``generate`` method, then name the subclass in ``MIDDLEWARE``.
 
@@ -25,7 +25,9 @@ or the ``generate`` method, then name the subclass in ``MIDDLEWARE``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any, ClassVar
 
 from opentelemetry import context as otel_context
@@ -44,6 +46,8 @@ class ContextMiddleware:
     The contract of :class:`threadctx.wsgi.ContextMiddleware` (same rule
     for the request id, same response header), for ``settings.MIDDLEWARE``.
     A streaming response's content is produced in the request's context too.
+    When Django loads it, it warns if OpenTelemetry's middleware comes after
+    it in ``MIDDLEWARE`` (that order cannot work).
 
     .. versionadded:: 0.2.0
     """
@@ -58,6 +62,7 @@ class ContextMiddleware:
 
     def __init__(self, get_response: Callable[[Any], Any]) -> None:
         self.get_response = get_response
+        _check_order(type(self))
         self.policy = RequestPolicy(
             header=self.header,
             name=self.name,
@@ -84,3 +89,21 @@ class ContextMiddleware:
         if getattr(response, "streaming", False) and not getattr(response, "is_async", False):
             response.streaming_content = _Body(response.streaming_content, context)
         return response
+
+
+def _check_order(cls: type) -> None:
+    """Warn, when Django loads the middleware, if OpenTelemetry's comes after it in MIDDLEWARE."""
+    settings = import_module("django.conf").settings  # Django ships no type information
+
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    middleware = [str(entry) for entry in getattr(settings, "MIDDLEWARE", None) or ()]
+    if path not in middleware:
+        return
+    later = middleware[middleware.index(path) + 1 :]
+    if any(entry.startswith("opentelemetry.instrumentation.django") for entry in later):
+        warnings.warn(
+            f"{path} comes before OpenTelemetry's middleware in MIDDLEWARE: OpenTelemetry's server span "
+            "then extracts from the headers alone and loses the correlation IDs. Put it after "
+            "(OTEL_PYTHON_DJANGO_MIDDLEWARE_POSITION moves OpenTelemetry's).",
+            stacklevel=3,
+        )
