@@ -211,3 +211,41 @@ def test_django_middleware_before_opentelemetrys_warns_when_loaded() -> None:
     with override_settings(MIDDLEWARE=[otel, ours]), warnings.catch_warnings():
         warnings.simplefilter("error")
         ContextMiddleware(lambda request: None)
+
+
+def test_the_wsgi_middleware_outside_a_framework_instrumentor_says_what_to_use(tracer_provider: Any) -> None:
+    """Issue 13.6: it lost the ids and turned the framework's span INTERNAL, and nothing warned."""
+    flask = pytest.importorskip("flask")
+    instrumentation = pytest.importorskip("opentelemetry.instrumentation.flask")
+    from threadctx.wsgi import ContextMiddleware
+
+    app = flask.Flask("instrumented")
+    instrumentation.FlaskInstrumentor().instrument_app(app, tracer_provider=tracer_provider)
+    try:
+        with pytest.warns(UserWarning, match=r"threadctx\.flask\.init_app\(app\)"):
+            ContextMiddleware(app.wsgi_app)
+        with pytest.warns(UserWarning, match=r"threadctx\.flask\.init_app\(app\)"):
+            ContextMiddleware(app)  # the Flask app itself: its wsgi_app is the instrumentor's
+    finally:
+        instrumentation.FlaskInstrumentor().uninstrument_app(app)
+    plain = flask.Flask("plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ContextMiddleware(plain.wsgi_app)
+    pytest.importorskip("django")
+    from django.conf import settings
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.test import override_settings
+
+    if not settings.configured:
+        settings.configure(DEFAULT_CHARSET="utf-8")
+    handler = WSGIHandler.__new__(WSGIHandler)  # the real class; loading its middleware is not the point
+    otel = "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
+    with (
+        override_settings(MIDDLEWARE=[otel]),
+        pytest.warns(UserWarning, match=r"threadctx\.django\.ContextMiddleware in MIDDLEWARE"),
+    ):
+        ContextMiddleware(handler)
+    with override_settings(MIDDLEWARE=[]), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ContextMiddleware(handler)

@@ -18,6 +18,7 @@ incoming headers and this one binds the request id under that span::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -120,6 +121,12 @@ class ContextMiddleware:
         )
         if type(app).__module__.startswith("opentelemetry.instrumentation.wsgi"):
             warn_outside("OpenTelemetryMiddleware", "OpenTelemetryMiddleware(ContextMiddleware(app))", 2)
+        elif _flask_instrumented(app):
+            warn_outside("a Flask app under FlaskInstrumentor", "threadctx.flask.init_app(app)", 2)
+        elif _django_instrumented(app):
+            warn_outside(
+                "Django under DjangoInstrumentor", "threadctx.django.ContextMiddleware in MIDDLEWARE", 2
+            )
         self.app = app
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -141,6 +148,26 @@ class ContextMiddleware:
         if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
             return body  # the server may sendfile() it; only the file is read
         return _Body(body, context)
+
+
+def _flask_instrumented(app: object) -> bool:
+    """A Flask app under FlaskInstrumentor, or its ``wsgi_app`` (the instrumentor's wrapper, or method)."""
+    if str(getattr(app, "__module__", "")).startswith("opentelemetry.instrumentation.flask"):
+        return True
+    owner = getattr(app, "__self__", app)
+    return (
+        type(owner).__module__.startswith("flask")
+        and getattr(owner, "_is_instrumented_by_opentelemetry", False) is True
+    )
+
+
+def _django_instrumented(app: object) -> bool:
+    """Django's WSGI handler, with OpenTelemetry's middleware in MIDDLEWARE."""
+    if not type(app).__module__.startswith("django.core.handlers"):
+        return False
+    settings = import_module("django.conf").settings  # Django ships no type information
+    middleware = getattr(settings, "MIDDLEWARE", None) or ()
+    return any(str(entry).startswith("opentelemetry.instrumentation.django") for entry in middleware)
 
 
 class _AddHeader:
