@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,6 @@ class Server:
     process: subprocess.Popen[str]
     port: int
     output: Path
-    lines: list[str] = field(default_factory=list)
 
     def stop(self) -> str:
         """Stop it gracefully (SIGTERM: in-flight requests and their background tasks finish); its output."""
