@@ -101,9 +101,8 @@ class RequestPolicy:
         lowercase, if the adapter has them at hand.
         """
         context = current = otel_context.get_current()
-        if carries_context(carrier, getter, names) or otel_baggage.get_all(
-            current
-        ):  # else: what extract returns
+        # Without a propagation header (or baggage to turn into IDs), extract returns `current`.
+        if carries_context(carrier, getter, names) or otel_baggage.get_all(current):
             has_span = otel_trace.get_current_span(current).get_span_context().is_valid
             context = extract(carrier, context=current, getter=getter, trace=not has_span)
         request_id = self._request_id(getter.get(carrier, self.header), context)
