@@ -14,6 +14,10 @@ ways in, both used here:
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OTEL_PYTHON_CONTEXT", "threadctx")  # before OpenTelemetry is imported
+
 import logging
 from typing import Any
 

@@ -249,3 +249,11 @@ def test_the_wsgi_middleware_outside_a_framework_instrumentor_says_what_to_use(t
     with override_settings(MIDDLEWARE=[]), warnings.catch_warnings():
         warnings.simplefilter("error")
         ContextMiddleware(handler)
+
+
+def test_the_gunicorn_page_shows_the_example_settings_as_they_are() -> None:
+    """docs/gunicorn.md's settings block is examples/gunicorn_conf.py, which the tests above serve with."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "gunicorn.md").read_text()
+    block = re.findall(r"^```python\n(.*?)^```$", page, re.M | re.S)[0]
+    example = (Path(__file__).resolve().parent.parent / "examples" / "gunicorn_conf.py").read_text()
+    assert example.endswith(block)
