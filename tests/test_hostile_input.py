@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote, unquote
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from opentelemetry import baggage, trace
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import threadctx
+from threadctx.asgi import ContextMiddleware as AsgiContextMiddleware
 from threadctx.wsgi import ContextMiddleware
 
 EXAMPLES = int(os.environ.get("THREADCTX_FUZZ_EXAMPLES", "300"))
@@ -127,9 +132,20 @@ def test_bind_values(name: str, value: str) -> None:
         otel_context.detach(token)
 
 
+baggage_request_ids = st.one_of(
+    st.builds(lambda value: "request_id=" + quote(value, safe=""), anything),
+    st.builds(lambda value: "request_id=" + value, hostile_text),
+    st.just("request_id=a%20b%3Bc%22%2C%3Cscript%3E"),
+    st.just("request_id=%E2%98%83"),
+)
+
+
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(request_id=anything, traceparent=anything)
-def test_request_id_header(request_id: str, traceparent: str) -> None:
+@given(request_id=st.one_of(st.none(), anything), traceparent=anything, baggage_header=baggage_request_ids)
+@example(request_id=None, traceparent="", baggage_header="request_id=a%20b%3Bc%22%2C%3Cscript%3E")
+@example(request_id=None, traceparent="", baggage_header="request_id=%E2%98%83")
+def test_request_id_header(request_id: str | None, traceparent: str, baggage_header: str) -> None:
+    """Whatever the source, header or baggage, what is echoed passes the request-id rule (issue 11.1)."""
     seen: dict[str, Any] = {}
     sent: list[tuple[str, list[tuple[str, str]]]] = []
 
@@ -139,12 +155,65 @@ def test_request_id_header(request_id: str, traceparent: str) -> None:
         start_response("200 OK", [])
         return [b""]
 
-    environ = {"HTTP_X_REQUEST_ID": request_id, "HTTP_TRACEPARENT": traceparent, "PATH_INFO": "/"}
+    environ = {"HTTP_TRACEPARENT": traceparent, "HTTP_BAGGAGE": baggage_header, "PATH_INFO": "/"}
+    if request_id is not None:
+        environ["HTTP_X_REQUEST_ID"] = request_id
     ContextMiddleware(app)(environ, lambda status, headers, exc_info=None: sent.append((status, headers)))
     accepted = seen["request_id"]
-    assert accepted == request_id or re.fullmatch(r"[0-9a-f]{32}", accepted)
+    from_baggage = unquote(baggage_header.partition("=")[2])
+    assert accepted in (request_id, from_baggage) or re.fullmatch(r"[0-9a-f]{32}", accepted)
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}", accepted)
     assert one_line(seen["line"])
     ((_, headers),) = sent
     assert ("X-Request-ID", accepted) in headers
     assert threadctx.correlation() == {}, "the worker is clean after the request"
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(baggage_header=anything, names=st.lists(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), max_size=4))
+@example(baggage_header="request_id=r-1", names=["session_token", "internal_user_email"])
+def test_baggage_off_nothing_but_allowlisted_ids_crosses(baggage_header: str, names: list[str]) -> None:
+    """OTEL_PROPAGATORS=tracecontext: no client member is kept, no baggage entry is sent (issue 11.2)."""
+    carrier = {"baggage": ",".join([baggage_header, *(f"{name}=v" for name in names)])}
+    saved = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator()]))
+    try:
+        context = threadctx.extract(carrier)
+        assert baggage.get_all(context) == {}, "no incoming member is kept"
+        for name in names:
+            context = baggage.set_baggage(name, "local", context)
+        sent = threadctx.inject({}, context=context)
+    finally:
+        propagate.set_global_textmap(saved)
+    members = [member for member in sent.get("baggage", "").split(",") if member]
+    assert {member.partition("=")[0] for member in members} <= threadctx.propagated()
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    request_id=st.one_of(
+        st.none(), st.binary(max_size=300), st.builds(str.encode, st.from_regex(r"[ -~]{0,140}"))
+    ),
+    baggage_header=st.builds(lambda text: text.encode("latin-1", "replace"), baggage_request_ids),
+)
+@example(request_id=None, baggage_header=b"request_id=a%20b%3Bc%22%2C%3Cscript%3E")
+def test_asgi_request_id_header(request_id: bytes | None, baggage_header: bytes) -> None:
+    """The ASGI middleware echoes only what passes the request-id rule, from header or baggage."""
+    seen: dict[str, str] = {}
+    sent: list[dict[str, Any]] = []
+    headers = [(b"baggage", baggage_header)]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.update(threadctx.correlation())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(AsgiContextMiddleware(app)({"type": "http", "headers": headers}, None, send))  # type: ignore[arg-type]
+    ((name, value),) = sent[0]["headers"]
+    assert name == b"x-request-id"
+    assert re.fullmatch(rb"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}", value)
+    assert value.decode() == seen["request_id"]

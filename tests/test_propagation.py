@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 from opentelemetry import baggage, propagate, trace
@@ -90,6 +91,50 @@ def test_ids_travel_with_a_propagator_that_sends_no_baggage() -> None:
     finally:
         propagate.set_global_textmap(saved)
     assert headers == {"traceparent": VALID, "baggage": "request_id=r-4"}
+
+
+@pytest.fixture
+def tracecontext_only() -> Iterator[None]:
+    """OTEL_PROPAGATORS=tracecontext: the operator turned baggage off."""
+    saved = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator()]))
+    yield
+    propagate.set_global_textmap(saved)
+
+
+@pytest.mark.usefixtures("tracecontext_only")
+def test_with_baggage_off_inject_sends_the_allowlisted_ids_and_no_baggage() -> None:
+    """Issue 11.2: the whole baggage (internal_user_email=...) went out with tracecontext alone."""
+    token = otel_context.attach(baggage.set_baggage("internal_user_email", "ops@example.com"))
+    try:
+        with threadctx.bound(request_id="r-6", secret="s"):
+            headers = threadctx.inject({"traceparent": VALID})
+        assert headers == {"traceparent": VALID, "baggage": "request_id=r-6"}
+        assert threadctx.inject({}) == {}, "no correlation ID bound: no baggage header at all"
+    finally:
+        otel_context.detach(token)
+
+
+@pytest.mark.usefixtures("tracecontext_only")
+def test_with_baggage_off_extract_keeps_no_incoming_member_but_the_allowlisted_ids() -> None:
+    """Issue 11.2: every incoming member (session_token=...) was kept, and the next inject forwarded it."""
+    carrier = {"traceparent": VALID, "baggage": "session_token=abc,request_id=r-7,tenant=t"}
+    context = threadctx.extract(carrier)
+    assert baggage.get_all(context) == {}
+    assert threadctx.correlation(context) == {"request_id": "r-7"}
+    assert threadctx.inject({}, context=context)["baggage"] == "request_id=r-7"
+    context = threadctx.extract(carrier, context=otel_context.Context(), trace=False)
+    assert (baggage.get_all(context), dict(threadctx.correlation(context))) == ({}, {"request_id": "r-7"})
+
+
+def test_with_baggage_on_other_members_stay_baggage_and_travel() -> None:
+    """The default propagators forward baggage, as OpenTelemetry does: threadctx changes nothing there."""
+    context = threadctx.extract({"baggage": "session_token=abc,request_id=r-8"})
+    assert baggage.get_all(context) == {"session_token": "abc"}
+    assert sorted(threadctx.inject({}, context=context)["baggage"].split(",")) == [
+        "request_id=r-8",
+        "session_token=abc",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -194,3 +239,19 @@ def test_a_tracestate_member_that_could_break_a_log_line_is_dropped(caplog: pyte
     assert dict(trace_state) == {"vendor": "ok"}
     assert threadctx.propagation_stats()["tracestate_members_cut"] == before + 2
     assert not [record for record in caplog.records if not record.getMessage().isprintable()]
+
+
+def test_attached_inside_a_server_span_keeps_it_as_the_parent(tracer_provider: TracerProvider) -> None:
+    """Issue 13.6: attached(headers) inside a request replaced the server span as parent of all below."""
+    tracer = tracer_provider.get_tracer("t")
+    with (
+        tracer.start_as_current_span("GET /orders", kind=trace.SpanKind.SERVER) as server,
+        threadctx.attached({"traceparent": VALID, "baggage": "request_id=r-9"}),
+    ):
+        assert trace.get_current_span() is server
+        assert threadctx.correlation() == {"request_id": "r-9"}
+    with (
+        tracer.start_as_current_span("consume", kind=trace.SpanKind.CONSUMER),
+        threadctx.attached({"traceparent": VALID}),
+    ):
+        assert remote() == (TRACE_ID, SPAN_ID), "any other span is replaced, as before"

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import http.client
 import logging
 import re
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from waitress.server import create_server
 from waitress.wasyncore import close_all
 
 import threadctx
+from _servers import get
 from threadctx.wsgi import ContextMiddleware
 
 if TYPE_CHECKING:
@@ -76,16 +79,6 @@ def serve() -> Iterator[Callable[[WSGIApplication], int]]:
         thread.join(JOIN)
         assert not thread.is_alive()
         server.task_dispatcher.shutdown()
-
-
-def get(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=JOIN)
-    try:
-        connection.request("GET", path, headers=headers)
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
 
 
 def state() -> tuple[bool, dict[str, str]]:
@@ -277,3 +270,120 @@ def test_inside_opentelemetrys_wsgi_middleware(
     assert lines.lines == [
         f"trace={trace_id} span={server_span.context.span_id:016x} request_id=r-otel inside"
     ]
+
+
+@pytest.mark.parametrize(
+    "baggage",
+    ["request_id=%E2%98%83", "request_id=a%20b%3Bc%22%2C%3Cscript%3E", "request_id=" + "x" * 200],
+    ids=["non-latin-1", "header-injection", "too-long"],
+)
+def test_a_request_id_from_baggage_passes_the_request_id_rule_before_it_is_echoed(
+    serve: Callable[[WSGIApplication], int], baggage: str
+) -> None:
+    """Issue 11.1: such baggage gave an HTTP 500 (waitress) or came back verbatim in X-Request-ID."""
+    before = threadctx.propagation_stats()["invalid_request_ids"]
+    headers, seen = run_once(serve, {"baggage": baggage})
+    assert re.fullmatch(r"[0-9a-f]{32}", seen["request_id"]), seen
+    assert headers["x-request-id"] == seen["request_id"]
+    assert threadctx.propagation_stats()["invalid_request_ids"] == before + 1
+    headers, seen = run_once(serve, {"baggage": "request_id=r-from-caller"})
+    assert headers["x-request-id"] == seen["request_id"] == "r-from-caller", "a valid one is still taken"
+
+
+def test_with_baggage_off_the_app_forwards_no_client_baggage(serve: Callable[[WSGIApplication], int]) -> None:
+    """Issue 11.2: with OTEL_PROPAGATORS=tracecontext the middleware forwarded every client's baggage."""
+    sent: list[dict[str, str]] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        sent.append(threadctx.inject({}))
+        start_response("200 OK", [])
+        return [b""]
+
+    saved = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator()]))
+    try:
+        port = serve(ContextMiddleware(app))
+        status, _, _ = get(port, "/", {"baggage": "session_token=abc", "X-Request-ID": "r-1"})
+    finally:
+        propagate.set_global_textmap(saved)
+    assert status == 200
+    assert sent == [{"baggage": "request_id=r-1"}]
+
+
+def test_a_generator_that_makes_an_invalid_id_is_an_error_not_a_header() -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        raise AssertionError("not reached")
+
+    middleware = ContextMiddleware(app, generate=lambda: "a b\r\nX: y")
+    with pytest.raises(ValueError, match="invalid request id"):
+        middleware({}, lambda status, headers, exc_info=None: lambda data: None)
+
+
+def test_an_asgi_application_is_refused_when_the_middleware_is_created() -> None:
+    """Issue 13.6: it was accepted, and every request then failed."""
+
+    async def asgi_app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("not reached")
+
+    class AsgiApp:
+        async def __call__(self, scope: object, receive: object, send: object) -> None:
+            raise AssertionError("not reached")
+
+    for app in (asgi_app, AsgiApp()):
+        with pytest.raises(TypeError, match=r"threadctx\.asgi\.ContextMiddleware"):
+            ContextMiddleware(app)  # type: ignore[arg-type]
+
+
+def test_a_file_wrapper_body_reaches_the_server_unwrapped(
+    serve: Callable[[WSGIApplication], int], tmp_path: Path
+) -> None:
+    """Issue 13.6: it was wrapped, so waitress could no longer send it as a file."""
+    path = tmp_path / "payload.bin"
+    path.write_bytes(b"x" * 100_000)
+    returned: list[object] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", str(path.stat().st_size))])
+        return environ["wsgi.file_wrapper"](path.open("rb"), 8192)  # type: ignore[no-any-return]
+
+    middleware = ContextMiddleware(app)
+
+    def recorder(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        body = middleware(environ, start_response)
+        returned.append((body, environ["wsgi.file_wrapper"]))
+        return body
+
+    status, headers, body = get(serve(recorder), "/", {"X-Request-ID": "r-file"})
+    assert (status, headers["x-request-id"], body) == (200, "r-file", path.read_bytes())
+    ((body_object, file_wrapper),) = returned
+    assert type(body_object) is file_wrapper, "the server's own file wrapper, not threadctx's _Body"
+
+
+def test_waitress_access_lines_carry_the_request_id_and_trace_id(
+    serve: Callable[[WSGIApplication], int],
+) -> None:
+    """Issue 13.5: waitress has no access log; TransLogger inside the middleware writes one in context."""
+    translogger = pytest.importorskip("paste.translogger", reason="paste is in the test extras")
+    handler = Lines()
+    handler.setFormatter(logging.Formatter("access trace=%(trace_id)s request_id=%(request_id)s %(message)s"))
+    access = logging.getLogger("waitress.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    logged = translogger.TransLogger(app, logger_name="waitress.access", setup_console_handler=False)
+    try:
+        port = serve(ContextMiddleware(logged))
+        trace_id = secrets.token_hex(16)
+        traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+        status, _, _ = get(port, "/orders?x=1", {"traceparent": traceparent, "X-Request-ID": "r-acc"})
+    finally:
+        access.removeHandler(handler)
+    assert status == 200
+    (line,) = handler.lines
+    assert re.match(
+        rf'access trace={trace_id} request_id=r-acc 127\.0\.0\.1 - - \[.*\] "GET /orders\?x=1 ', line
+    )

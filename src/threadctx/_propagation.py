@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from typing import Final, TypeVar
 from urllib.parse import quote, unquote
@@ -24,6 +25,7 @@ from urllib.parse import quote, unquote
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import propagate as otel_propagate
+from opentelemetry import trace as otel_trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import (
@@ -207,8 +209,36 @@ def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[st
     return _valid_ids(pairs)
 
 
+_fields_cache: tuple[object, frozenset[str]] = (None, frozenset())
+
+
+def _propagator_fields() -> frozenset[str]:
+    """The headers the configured propagators use (cached per propagator object)."""
+    global _fields_cache  # noqa: PLW0603 - a one-entry cache, replaced whole
+    textmap = otel_propagate.get_global_textmap()
+    cached, fields = _fields_cache
+    if cached is not textmap:
+        fields = frozenset(textmap.fields)
+        _fields_cache = (textmap, fields)
+    return fields
+
+
 def _propagator_sends_baggage() -> bool:
-    return _BAGGAGE in otel_propagate.get_global_textmap().fields
+    return _BAGGAGE in _propagator_fields()
+
+
+def carries_context(
+    carrier: CarrierT, getter: Getter[CarrierT], names: AbstractSet[str] | None = None
+) -> bool:
+    """Whether ``carrier`` has any header that :func:`extract` reads (its own ``baggage`` too).
+
+    ``names``, the carrier's header names in lowercase if the caller has them, saves the lookups.
+    """
+    if names is not None:
+        return _BAGGAGE in names or not _propagator_fields().isdisjoint(names)
+    if getter.get(carrier, _BAGGAGE) is not None:
+        return True
+    return any(getter.get(carrier, field) is not None for field in _propagator_fields())
 
 
 def inject(
@@ -222,7 +252,10 @@ def inject(
     The trace context goes through OpenTelemetry's configured propagators;
     correlation IDs on the allowlist (see :func:`propagate`) go as W3C
     baggage members, next to any OpenTelemetry baggage (a correlation ID wins
-    over a baggage entry of the same name)::
+    over a baggage entry of the same name).  When the configured propagators
+    send no baggage (``OTEL_PROPAGATORS=tracecontext``), the ``baggage``
+    header carries the allowlisted correlation IDs alone, never the
+    context's OpenTelemetry baggage::
 
         headers = threadctx.inject({})
         urllib.request.Request(url, headers=headers)
@@ -237,13 +270,25 @@ def inject(
     context = context if context is not None else otel_context.get_current()
     allowed = _allowlist
     ids = {name: value for name, value in correlation(context).items() if name in allowed}
-    if ids:
+    if _propagator_sends_baggage():
         for name, value in ids.items():
             context = otel_baggage.set_baggage(name, value, context)
-    otel_propagate.inject(carrier, context=context, setter=setter)
-    if ids and not _propagator_sends_baggage():
-        _W3C_BAGGAGE.inject(carrier, context=context, setter=setter)
+        otel_propagate.inject(carrier, context=context, setter=setter)
+    else:
+        # Baggage is off: the configured propagators send no baggage, and threadctx's
+        # own header carries the allowlisted correlation IDs and nothing else.
+        otel_propagate.inject(carrier, context=context, setter=setter)
+        if ids:
+            _W3C_BAGGAGE.inject(carrier, context=_as_baggage(ids), setter=setter)
     return carrier
+
+
+def _as_baggage(ids: Mapping[str, str]) -> Context:
+    """A context whose baggage is ``ids`` alone."""
+    context = Context()
+    for name, value in ids.items():
+        context = otel_baggage.set_baggage(name, value, context)
+    return context
 
 
 def extract(
@@ -256,9 +301,11 @@ def extract(
     """Read the context of incoming headers.
 
     The result is ``context`` (by default the current one) with the remote
-    span as the current span, the incoming OpenTelemetry baggage, and the
-    incoming baggage members named on the allowlist bound as correlation IDs
-    (and removed from the baggage).  Input is untrusted: a malformed
+    span as the current span, the incoming OpenTelemetry baggage (only when
+    the configured propagators accept baggage), and the incoming baggage
+    members named on the allowlist bound as correlation IDs (and removed from
+    the baggage).  With ``OTEL_PROPAGATORS=tracecontext`` no other incoming
+    baggage member is kept.  Input is untrusted: a malformed
     ``traceparent`` is ignored as the W3C spec says, baggage beyond
     :data:`BAGGAGE_MAX_MEMBERS` members or :data:`BAGGAGE_MAX_BYTES` bytes is
     cut at whole members, and invalid correlation values are dropped (counted
@@ -276,19 +323,22 @@ def extract(
     """
     base = context if context is not None else otel_context.get_current()
     cutting = _CuttingGetter(getter)
-    if trace:
-        extracted = otel_propagate.extract(carrier, context=base, getter=cutting)
-        if not _propagator_sends_baggage():
-            extracted = _W3C_BAGGAGE.extract(carrier, context=extracted, getter=cutting)
-    else:
-        extracted = _W3C_BAGGAGE.extract(carrier, context=base, getter=cutting)
     allowed = _allowlist
-    entries = otel_baggage.get_all(extracted)
-    incoming = {name: value for name, value in entries.items() if name in allowed}
+    extracted = otel_propagate.extract(carrier, context=base, getter=cutting) if trace else base
+    if _propagator_sends_baggage():
+        if not trace:
+            extracted = _W3C_BAGGAGE.extract(carrier, context=extracted, getter=cutting)
+        entries = otel_baggage.get_all(extracted)
+        incoming = {name: value for name, value in entries.items() if name in allowed}
+        for name in incoming:
+            extracted = otel_baggage.remove_baggage(name, extracted)
+    else:
+        # Baggage is off: read threadctx's own carrier for the allowlisted IDs only,
+        # and keep no other member of the incoming baggage.
+        entries = otel_baggage.get_all(_W3C_BAGGAGE.extract(carrier, context=Context(), getter=cutting))
+        incoming = {name: value for name, value in entries.items() if name in allowed}
     if not incoming:
         return extracted
-    for name in incoming:
-        extracted = otel_baggage.remove_baggage(name, extracted)
     ids = {**correlation(extracted), **_valid_ids(incoming)}
     return _with_ids(dict(list(ids.items())[:MAX_IDS]), extracted)
 
@@ -309,9 +359,17 @@ def attached(
     The thread's previous context is restored on exit, also on an exception.
     Yields the attached context.
 
+    Inside a request whose SERVER span is current (a framework
+    instrumentation started it), that span stays the parent: only the
+    carrier's baggage and correlation IDs are taken, as the middlewares do.
+
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       A current SERVER span is kept instead of replaced by the carrier's.
     """
-    context = extract(carrier, getter=getter)
+    current = otel_trace.get_current_span()
+    keep = current.is_recording() and getattr(current, "kind", None) is otel_trace.SpanKind.SERVER
+    context = extract(carrier, getter=getter, trace=not keep)
     token = otel_context.attach(context)
     try:
         yield context

@@ -17,32 +17,30 @@ incoming headers and this one binds the request id under that span::
 
 from __future__ import annotations
 
-import re
-import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace as otel_trace
 from opentelemetry.propagators.textmap import Getter
 
-from threadctx._correlation import correlation, merged, validate
-from threadctx._propagation import _count, extract
+from threadctx._requests import RequestPolicy, is_async_callable, new_request_id, warn_outside
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from opentelemetry.context import Context
 
-__all__ = ["ContextMiddleware", "EnvironGetter", "new_request_id"]
+__all__ = ["ENVIRON_CONTEXT", "ContextMiddleware", "EnvironGetter", "new_request_id"]
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
+ENVIRON_CONTEXT = "threadctx.context"
+"""The environ key under which the middlewares leave the request's context.
 
+For what runs after the application has returned, outside its context: a
+server's access log (see the gunicorn how-to).
 
-def new_request_id() -> str:
-    """A new random request id: 32 lowercase hex digits."""
-    return uuid.uuid4().hex
+.. versionadded:: 0.2.0
+"""
 
 
 class EnvironGetter(Getter["WSGIEnvironment"]):
@@ -74,20 +72,30 @@ class ContextMiddleware:
        128 characters: ASCII letters, digits and ``. _ : / + = -``, starting
        with a letter or digit; an invalid one is counted in
        :func:`threadctx.propagation_stats` and never logged), else from the
-       incoming baggage (what :func:`threadctx.inject` sends), else
-       generates one;
+       incoming baggage (what :func:`threadctx.inject` sends) if it passes
+       the same rule, else generates one;
     3. binds it as a correlation ID for the request, including while the
        response body is produced, and sends it back in a response header;
     4. leaves the worker thread's context as it found it.
 
+    A ``wsgi.file_wrapper`` body is returned as it is, so that the server can
+    still send the file with ``sendfile()``: no application code runs while
+    it is sent.
+
     Args:
-        app: the WSGI application to wrap.
+        app: the WSGI application to wrap (an ASGI application is refused:
+            use :class:`threadctx.asgi.ContextMiddleware`).
         header: the request and response header of the request id.
         name: the correlation ID name it is bound under.
-        generate: makes a request id when the request brings no valid one.
+        generate: makes a request id when the request brings no valid one;
+            an id it makes that breaks the rule above is a ``ValueError``.
         trust_incoming: ``False`` ignores incoming request ids (header and
             baggage) and always generates one.
         response_header: ``False`` does not send the request id back.
+
+    Raises:
+        TypeError: ``app`` is an ASGI application.
+        ValueError: ``header`` or ``name`` is invalid.
     """
 
     def __init__(
@@ -100,45 +108,35 @@ class ContextMiddleware:
         trust_incoming: bool = True,
         response_header: bool = True,
     ) -> None:
-        validate(name, "")
-        if not re.fullmatch(r"[A-Za-z0-9-]+", header):
-            raise ValueError(f"header must be an HTTP header name, not {header!r}")
+        if is_async_callable(app):
+            raise TypeError(
+                f"{app!r} is an ASGI application: wrap it in threadctx.asgi.ContextMiddleware instead"
+            )
+        self.policy = RequestPolicy(
+            header=header,
+            name=name,
+            generate=generate,
+            trust_incoming=trust_incoming,
+            response_header=response_header,
+        )
         if type(app).__module__.startswith("opentelemetry.instrumentation.wsgi"):
-            warnings.warn(
-                "ContextMiddleware wraps OpenTelemetryMiddleware: correlation IDs are lost for "
-                "requests without a traceparent. Put it inside instead: "
-                "OpenTelemetryMiddleware(ContextMiddleware(app))",
-                stacklevel=2,
+            warn_outside("OpenTelemetryMiddleware", "OpenTelemetryMiddleware(ContextMiddleware(app))", 2)
+        elif _flask_instrumented(app):
+            warn_outside("a Flask app under FlaskInstrumentor", "threadctx.flask.init_app(app)", 2)
+        elif _django_instrumented(app):
+            warn_outside(
+                "Django under DjangoInstrumentor", "threadctx.django.ContextMiddleware in MIDDLEWARE", 2
             )
         self.app = app
-        self.header = header
-        self.name = name
-        self.generate = generate
-        self.trust_incoming = trust_incoming
-        self.response_header = response_header
-        self._environ_key = "HTTP_" + header.upper().replace("-", "_")
-
-    def _request_id(self, environ: WSGIEnvironment, context: Context) -> str:
-        if not self.trust_incoming:
-            return self.generate()
-        incoming = environ.get(self._environ_key)
-        if isinstance(incoming, str) and _REQUEST_ID.fullmatch(incoming):
-            return incoming
-        if incoming is not None:
-            _count("invalid_request_ids")
-        # A caller that used threadctx.inject sent it as baggage (validated by extract).
-        return correlation(context).get(self.name) or self.generate()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Serve one request in its own context."""
-        current = otel_context.get_current()
-        has_span = otel_trace.get_current_span(current).get_span_context().is_valid
-        context = extract(environ, context=current, getter=_GETTER, trace=not has_span)
-        request_id = self._request_id(environ, context)
-        context = merged({self.name: request_id}, context)
+        policy = self.policy
+        context, request_id = policy.enter(environ, _GETTER)
+        environ[ENVIRON_CONTEXT] = context
         respond = start_response
-        if self.response_header:
-            respond = _AddHeader(start_response, self.header, request_id)
+        if policy.response_header:
+            respond = _AddHeader(start_response, policy.header, request_id)
         token = otel_context.attach(context)
         try:
             body = self.app(environ, respond)
@@ -146,7 +144,30 @@ class ContextMiddleware:
             otel_context.detach(token)
         if isinstance(body, (list, tuple)):  # already produced: nothing runs later
             return body
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
+            return body  # the server may sendfile() it; only the file is read
         return _Body(body, context)
+
+
+def _flask_instrumented(app: object) -> bool:
+    """A Flask app under FlaskInstrumentor, or its ``wsgi_app`` (the instrumentor's wrapper, or method)."""
+    if str(getattr(app, "__module__", "")).startswith("opentelemetry.instrumentation.flask"):
+        return True
+    owner = getattr(app, "__self__", app)
+    return (
+        type(owner).__module__.startswith("flask")
+        and getattr(owner, "_is_instrumented_by_opentelemetry", False) is True
+    )
+
+
+def _django_instrumented(app: object) -> bool:
+    """Django's WSGI handler, with OpenTelemetry's middleware in MIDDLEWARE."""
+    if not type(app).__module__.startswith("django.core.handlers"):
+        return False
+    settings = import_module("django.conf").settings  # Django ships no type information
+    middleware = getattr(settings, "MIDDLEWARE", None) or ()
+    return any(str(entry).startswith("opentelemetry.instrumentation.django") for entry in middleware)
 
 
 class _AddHeader:

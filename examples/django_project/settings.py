@@ -1,0 +1,35 @@
+"""Settings of the example Django project (no database: the views only log)."""
+
+from __future__ import annotations
+
+SECRET_KEY = "example-only-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+ROOT_URLCONF = "django_project.urls"
+INSTALLED_APPS: list[str] = []
+DATABASES: dict[str, object] = {}
+USE_TZ = True
+
+MIDDLEWARE = [
+    # DjangoInstrumentor().instrument() puts OpenTelemetry's middleware before this one:
+    # threadctx's then runs inside its SERVER span and binds the request id under it.
+    "threadctx.django.ContextMiddleware",
+]
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"context": {"()": "threadctx.ContextFilter"}},
+    "formatters": {
+        "service": {"format": "trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(message)s"},
+    },
+    "handlers": {
+        "service": {
+            "class": "logging.StreamHandler",
+            "filters": ["context"],
+            "formatter": "service",
+            "stream": "ext://sys.stdout",
+        }
+    },
+    "loggers": {"service": {"handlers": ["service"], "level": "INFO", "propagate": False}},
+}

@@ -1,0 +1,118 @@
+"""Flask: each request runs in its caller's context, with a request id.
+
+::
+
+    from threadctx.flask import init_app
+
+    FlaskInstrumentor().instrument_app(app)  # if you use it, in either order
+    init_app(app)
+
+Without OpenTelemetry's ``FlaskInstrumentor``, ``app.wsgi_app =
+threadctx.wsgi.ContextMiddleware(app.wsgi_app)`` does the same job. Beside
+it, that WSGI middleware is outside the SERVER span, which the instrumentor
+starts in a ``before_request`` hook from the headers alone: the correlation
+IDs would be lost, and the span would become INTERNAL when a
+``traceparent`` came in. :func:`init_app` registers hooks that run after the
+instrumentor's (Flask runs ``before_request`` hooks in the order they were
+registered; called first, they move behind the instrumentor's at the first
+request), keep its span and bind the request id under it.
+
+.. versionadded:: 0.2.0
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import flask
+from opentelemetry import context as otel_context
+
+from threadctx._requests import RequestPolicy, new_request_id
+from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
+
+__all__ = ["init_app"]
+
+_GETTER = EnvironGetter()
+_TOKEN = "threadctx.token"
+_REQUEST_ID = "threadctx.request_id"
+_OTEL_STARTED = "opentelemetry-flask.starttime_key"  # what FlaskInstrumentor leaves in the environ
+_OTEL_SPAN = "opentelemetry-flask.span_key"
+
+
+def _otel_excluded(url: str) -> bool:
+    """Whether FlaskInstrumentor skips ``url`` (``OTEL_PYTHON_FLASK_EXCLUDED_URLS``)."""
+    from opentelemetry.util.http import get_excluded_urls
+
+    return bool(get_excluded_urls("FLASK").url_disabled(url))
+
+
+def init_app(
+    app: flask.Flask,
+    *,
+    header: str = "X-Request-ID",
+    name: str = "request_id",
+    generate: Callable[[], str] = new_request_id,
+    trust_incoming: bool = True,
+    response_header: bool = True,
+) -> None:
+    """Bind a request id and the caller's context for each request of ``app``.
+
+    The options and the request-id rule are those of
+    :class:`threadctx.wsgi.ContextMiddleware`. Beside
+    ``FlaskInstrumentor().instrument_app(app)``, in either order, its hooks run
+    inside the instrumentor's SERVER span (called first, they move behind
+    the instrumentor's at the first request).
+
+    .. versionadded:: 0.2.0
+    """
+    policy = RequestPolicy(
+        header=header,
+        name=name,
+        generate=generate,
+        trust_incoming=trust_incoming,
+        response_header=response_header,
+    )
+    moved: list[bool] = []
+    lock = threading.Lock()
+
+    def bind_now() -> None:
+        environ = flask.request.environ
+        context, request_id = policy.enter(environ, _GETTER)
+        environ[ENVIRON_CONTEXT] = context
+        environ[_TOKEN] = otel_context.attach(context)
+        environ[_REQUEST_ID] = request_id
+
+    def bind() -> None:
+        if moved:  # bind_now runs after the instrumentor's hook now
+            return
+        environ = flask.request.environ
+        # The instrumentor's WSGI wrapper ran (it notes the start time) but its before_request
+        # hook, which notes the span, has not: it was registered after this one. Move behind
+        # it: Flask is iterating the list of hooks, and will call what is appended to it.
+        if _OTEL_STARTED in environ and _OTEL_SPAN not in environ and not _otel_excluded(flask.request.url):
+            with lock:
+                if not moved:
+                    app.before_request_funcs.setdefault(None, []).append(bind_now)
+                    teardowns = app.teardown_request_funcs.setdefault(None, [])
+                    teardowns.remove(unbind)
+                    teardowns.append(unbind)  # Flask calls them in reverse: before the instrumentor's
+                    moved.append(True)
+            return
+        bind_now()
+
+    def add_header(response: Any) -> Any:
+        request_id = flask.request.environ.get(_REQUEST_ID)
+        if policy.response_header and request_id is not None and header not in response.headers:
+            response.headers[header] = request_id
+        return response
+
+    def unbind(_: BaseException | None) -> None:
+        token = flask.request.environ.pop(_TOKEN, None)
+        if token is not None:
+            otel_context.detach(token)
+
+    app.before_request(bind)
+    app.after_request(add_header)
+    app.teardown_request(unbind)
