@@ -2,8 +2,8 @@
 
 The reader lets ``snapshot()`` read each thread's current context itself (see
 docs/concepts.md, "How snapshot() reads other threads"). It is optional: when
-it cannot be built (no compiler, no Python headers, a free-threaded build, or
-``THREADCTX_BUILD_EXTENSION=0``) the hook says why and the wheel is the
+it cannot be built (no compiler, no Python headers, a free-threaded build, not
+CPython, or ``THREADCTX_BUILD_EXTENSION=0``) the hook says why and the wheel is the
 pure-Python one, which threadctx runs on with its registry mirror. The build
 never fails because of it.
 
@@ -16,6 +16,7 @@ platform.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import sysconfig
 import tempfile
@@ -31,6 +32,8 @@ SOURCE = "src/threadctx/_ctxread.c"
 def _skip_reason() -> str | None:
     if os.environ.get("THREADCTX_BUILD_EXTENSION", "1") == "0":
         return "THREADCTX_BUILD_EXTENSION=0"
+    if platform.python_implementation() != "CPython":
+        return f"{platform.python_implementation()} (the reader reads CPython's thread states)"
     if sysconfig.get_config_var("Py_GIL_DISABLED"):
         return "a free-threaded build (the reader relies on the GIL)"
     return None

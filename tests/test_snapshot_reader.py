@@ -398,7 +398,7 @@ def test_the_environment_variable_selects_the_mirror_at_import() -> None:
         from opentelemetry import context
         import threadctx
         from threadctx import _runtime, _storage
-        print(_storage.reader_in_use(), _runtime.ThreadRuntimeContext.attach == _runtime.CURRENT.set)
+        print(_storage.reader_in_use(), context._RUNTIME_CONTEXT.attach == _runtime.CURRENT.set)
         """
     )
     seen = {}

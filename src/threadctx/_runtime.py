@@ -21,6 +21,7 @@ through the ``opentelemetry_context`` entry point while
 
 from __future__ import annotations
 
+import weakref
 from contextvars import ContextVar, Token
 
 from opentelemetry.context.context import Context, _RuntimeContext
@@ -52,6 +53,10 @@ class ThreadRuntimeContext(_RuntimeContext):
     .. versionadded:: 0.1.0
     """
 
+    def __init__(self) -> None:
+        _instances.add(self)
+        _choose_methods(self)
+
     def attach(self, context: Context) -> Token[Context]:
         """Make ``context`` current and return a token that restores the previous one."""
         token = CURRENT.set(context)
@@ -75,22 +80,28 @@ class ThreadRuntimeContext(_RuntimeContext):
         _local.state.context = CURRENT.get(None)
 
 
-_MIRRORED_ATTACH = ThreadRuntimeContext.attach
-_MIRRORED_DETACH = ThreadRuntimeContext.detach
+_instances: weakref.WeakSet[ThreadRuntimeContext] = weakref.WeakSet()
+
+
+def _choose_methods(runtime: ThreadRuntimeContext) -> None:
+    """With the compiled reader, the instance's attach/detach are the ContextVar's builtin set/reset.
+
+    A builtin stored on the instance is called with no Python frame and no
+    ``self``; the class keeps the documented methods, which also write the
+    mirror, for when the reader is not in use.
+    """
+    if _storage.reader_in_use():
+        runtime.__dict__.update(attach=CURRENT.set, detach=CURRENT.reset)
+    else:
+        runtime.__dict__.pop("attach", None)
+        runtime.__dict__.pop("detach", None)
 
 
 def _use_reader(enabled: bool) -> None:
-    """Read contexts with the compiled reader (``enabled``) or through the registry mirror.
+    """Read contexts with the compiled reader (``enabled``, where it is loaded) or through the mirror.
 
-    With the reader, ``attach``/``detach`` are the ContextVar's builtin
-    ``set``/``reset`` (like ``get_current``, called without a Python frame).
-    Chosen once at import; tests switch back and forth between threads' lives.
+    Chosen once at import; tests and benchmarks switch between threads' lives.
     """
     _storage.use_reader(enabled)
-    reading = _storage.reader_in_use()
-    # Methods replaced on purpose: a builtin needs no Python frame, and takes no self.
-    ThreadRuntimeContext.attach = CURRENT.set if reading else _MIRRORED_ATTACH  # type: ignore[method-assign,assignment]
-    ThreadRuntimeContext.detach = CURRENT.reset if reading else _MIRRORED_DETACH  # type: ignore[method-assign,assignment]
-
-
-_use_reader(True)
+    for runtime in list(_instances):
+        _choose_methods(runtime)
