@@ -261,4 +261,8 @@ def latency_under_snapshot(parked: int = 1000, requests: int = 300, threads: int
 
 
 def run_all() -> list[str]:
+    from opentelemetry import context as otel_context
+
+    if not isinstance(otel_context._RUNTIME_CONTEXT, _runtime.ThreadRuntimeContext):
+        raise SystemExit("the scale benchmarks need OTEL_PYTHON_CONTEXT=threadctx (make bench sets it)")
     return [growth(), entry_memory(), latency_under_snapshot()]

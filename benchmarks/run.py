@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import bench_context, bench_logging, bench_scale
+from benchmarks import bench_context, bench_logging, bench_scale, bench_service
 from benchmarks.harness import table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -44,6 +44,10 @@ def main() -> None:
             print(table(title, rows, target=target))
         if heading == "Runtime context":
             out += [bench_context.reader_options(results[0][1])]
+    out += ["## A service under load", ""]
+    for part in bench_service.run_all():
+        out += [part]
+        print(part)
     out += ["## Scale: snapshot() and dump() over many threads", ""]
     for part in bench_scale.run_all():
         out += [part]
