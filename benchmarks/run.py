@@ -5,6 +5,7 @@ Usage: python -m benchmarks.run  (or: make bench)
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ from benchmarks import bench_context, bench_logging, bench_scale, bench_service
 from benchmarks.harness import table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def _load() -> str:
+    """The machine's load when the run started: a busy machine moves the times, less the ratios."""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    return f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start"
 
 
 def main() -> None:
@@ -24,7 +32,7 @@ def main() -> None:
         "side in one process: the variants alternate within every round, and the ratio is the median of the",
         "per-round ratios to the baseline, so it holds from machine to machine better than the times do.",
         "",
-        f"Measured on Python {platform.python_version()} ({platform.machine()}, {sys.platform}).",
+        f"Measured on Python {platform.python_version()} ({platform.machine()}, {sys.platform}){_load()}.",
         "",
         "threadctx keeps the current context in a ContextVar, as the default backend does. With its",
         "compiled reader (`threadctx._ctxread`, built at install), `attach`, `detach` and `get_current` are",

@@ -7,8 +7,11 @@
  * workers) as well as outside it, which is what makes snapshot() exact.
  *
  * Safety rests on the GIL: another thread changes its PyThreadState.context
- * only while it holds the GIL, and a thread state is unlinked from the
- * interpreter's list before it is freed, with the GIL held. The walk itself
+ * only while it holds the GIL, and a thread ending unlinks its own state from
+ * the interpreter's list with the GIL held, before the state is freed (an
+ * embedding application that deletes another thread's state without the GIL
+ * is outside this, as it is for every reader of PyThreadState_Next). A state
+ * being added meanwhile is linked in complete, with no context yet. The walk itself
  * therefore must not let the GIL go: it calls no Python code and allocates no
  * Python object (an allocation may start the garbage collector, whose
  * finalizers may run Python code that switches threads). It copies each
