@@ -68,12 +68,23 @@ class Parked:
         self.errors: list[BaseException] = []
         self.finished = threading.Event()
 
+    def __enter__(self) -> Parked:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Let the thread run to its end whatever happened, so that no test leaves it parked."""
+        for _ in range(8):
+            self.go_on.release()
+        if self.ident is not None:
+            self.finished.wait(JOIN)
+
     def step(self) -> None:
         """Called by the parked thread: let the test look, wait for it to say go on."""
         self.arrived.release()
         assert self.go_on.acquire(timeout=JOIN)
 
     def run(self, body: Callable[[], None]) -> None:
+        """The thread's target: runs ``body``, records how it ended."""
         self.ident = threading.get_ident()
         try:
             body()
@@ -108,15 +119,15 @@ def test_thread_inside_context_run_shows_the_inner_context_during_and_nothing_af
         parked.step()  # run has returned
 
     thread = threading.Thread(target=parked.run, args=(body,))
-    thread.start()
-    parked.wait()
-    assert request_ids(parked.ident) == ["inner"]
-    parked.next()
-    assert request_ids(parked.ident) == ["for-the-rest-of-run"]
-    parked.next()
-    # Nothing tells the mirror that run returned: it keeps the last context attached inside run.
-    assert request_ids(parked.ident) == ([] if reader == "compiled" else ["for-the-rest-of-run"])
-    parked.next()
+    with parked:
+        thread.start()
+        parked.wait()
+        assert request_ids(parked.ident) == ["inner"]
+        parked.next()
+        assert request_ids(parked.ident) == ["for-the-rest-of-run"]
+        parked.next()
+        # Nothing tells the mirror that run returned: it keeps the last context attached inside run.
+        assert request_ids(parked.ident) == ([] if reader == "compiled" else ["for-the-rest-of-run"])
     thread.join(JOIN)
     assert parked.finished.is_set()
 
@@ -294,15 +305,17 @@ def test_threads_started_outside_threading_show_their_context(
             parked.step()
         parked.step()
 
-    start(lambda: parked.run(body))
-    parked.wait()
-    [entry] = [e for e in threadctx.snapshot() if e.thread_id == parked.ident]
-    assert entry.correlation == {"request_id": "raw"}
-    assert entry.name == f"<thread {parked.ident}>"
-    assert entry.native_id > 0
-    parked.next()
-    assert request_ids(parked.ident) == []
-    parked.next()
+    with parked:
+        start(lambda: parked.run(body))
+        parked.wait()
+        [entry] = [e for e in threadctx.snapshot() if e.thread_id == parked.ident]
+        assert entry.correlation == {"request_id": "raw"}
+        assert entry.name == f"<thread {parked.ident}>"
+        # Python 3.10 keeps no native id in a thread state, and neither threading nor the registry
+        # knows this thread: unknown (0) there.
+        assert entry.native_id > 0 or (sys.version_info < (3, 11) and reader == "compiled")
+        parked.next()
+        assert request_ids(parked.ident) == []
     assert parked.finished.wait(JOIN)
 
 
