@@ -458,3 +458,43 @@ def test_the_reader_rejects_what_is_not_a_contextvar() -> None:
         pytest.skip("threadctx._ctxread is not built here")
     with pytest.raises(TypeError):
         _storage._LOADED_READER("not a ContextVar")  # type: ignore[arg-type]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _build_wheel(out: Path, env: dict[str, str]) -> tuple[Path, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0 and "No matching distribution found" in done.stderr:
+        pytest.skip("pip cannot fetch the build backend (hatchling, setuptools) here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    [wheel] = out.glob("threadctx-*.whl")
+    return wheel, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(_compiler() is None or FREE_THREADED, reason="needs a C compiler and a GIL build")
+@pytest.mark.skipif(sysconfig.get_platform().startswith("win"), reason="the no-compiler case uses CC")
+@pytest.mark.timeout(600)  # two wheel builds, each in a fresh build environment
+def test_the_wheel_holds_the_reader_and_is_pure_python_without_a_compiler(tmp_path: Path) -> None:
+    """The build hook: a platform wheel with the module, or (no compiler) a pure-Python one, never a failure."""
+    import zipfile
+
+    env = {k: v for k, v in os.environ.items() if k != "THREADCTX_BUILD_EXTENSION"}
+    wheel, _ = _build_wheel(tmp_path / "with", env)
+    names = zipfile.ZipFile(wheel).namelist()
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    assert f"threadctx/_ctxread{suffix}" in names
+    assert "threadctx/_ctxread.c" not in names
+    assert not wheel.name.endswith("-py3-none-any.whl"), wheel.name
+
+    wheel, output = _build_wheel(tmp_path / "without", {**env, "CC": "/bin/false"})
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    assert not [name for name in zipfile.ZipFile(wheel).namelist() if "_ctxread" in name]
+    assert "could not build threadctx._ctxread" in output
