@@ -22,6 +22,7 @@ import sysconfig
 import textwrap
 import threading
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import Context, copy_context
@@ -483,9 +484,7 @@ def _build_wheel(out: Path, env: dict[str, str]) -> tuple[Path, str]:
 @pytest.mark.skipif(sysconfig.get_platform().startswith("win"), reason="the no-compiler case uses CC")
 @pytest.mark.timeout(600)  # two wheel builds, each in a fresh build environment
 def test_the_wheel_holds_the_reader_and_is_pure_python_without_a_compiler(tmp_path: Path) -> None:
-    """The build hook: a platform wheel with the module, or (no compiler) a pure-Python one, never a failure."""
-    import zipfile
-
+    """The build hook: a platform wheel with the module, or without a compiler a pure-Python one."""
     env = {k: v for k, v in os.environ.items() if k != "THREADCTX_BUILD_EXTENSION"}
     wheel, _ = _build_wheel(tmp_path / "with", env)
     names = zipfile.ZipFile(wheel).namelist()
