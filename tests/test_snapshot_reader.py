@@ -38,6 +38,7 @@ from threadctx import _runtime, _storage
 JOIN = 30
 SOURCE = Path(_storage.__file__).with_name("_ctxread.c")
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+HEADERS = Path(sysconfig.get_paths()["include"], "Python.h").exists()
 
 
 @pytest.fixture(params=["compiled", "mirror"])
@@ -436,9 +437,7 @@ def _compiler() -> str | None:
 
 
 @pytest.mark.skipif(_compiler() is None, reason="no C compiler")
-@pytest.mark.skipif(
-    not Path(sysconfig.get_paths()["include"], "Python.h").exists(), reason="no Python headers"
-)
+@pytest.mark.skipif(not HEADERS, reason="no Python headers (Python.h)")
 def test_the_reader_compiles_cleanly_with_all_warnings(tmp_path: Path) -> None:
     compiler = _compiler()
     assert compiler is not None
@@ -481,6 +480,7 @@ def _build_wheel(out: Path, env: dict[str, str]) -> tuple[Path, str]:
 
 
 @pytest.mark.skipif(_compiler() is None or FREE_THREADED, reason="needs a C compiler and a GIL build")
+@pytest.mark.skipif(not HEADERS, reason="no Python headers (Python.h)")
 @pytest.mark.skipif(sysconfig.get_platform().startswith("win"), reason="the no-compiler case uses CC")
 @pytest.mark.timeout(600)  # two wheel builds, each in a fresh build environment
 def test_the_wheel_holds_the_reader_and_is_pure_python_without_a_compiler(tmp_path: Path) -> None:
