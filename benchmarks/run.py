@@ -10,7 +10,7 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import bench_context, bench_logging, bench_scale, bench_service
+from benchmarks import bench_context, bench_logging, bench_request_path, bench_scale, bench_service
 from benchmarks.harness import table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -56,6 +56,14 @@ def main() -> None:
     for part in bench_service.run_all():
         out += [part]
         print(part)
+    out += [
+        "Where the added cost goes: each piece that (c) and (d) add, timed in one process beside its",
+        "counterpart (numbers per request).",
+        "",
+    ]
+    for title, rows, target in bench_request_path.run_all():
+        out += [table(title, rows, target=target)]
+        print(table(title, rows, target=target))
     out += ["## Scale: snapshot() and dump() over many threads", ""]
     for part in bench_scale.run_all():
         out += [part]
