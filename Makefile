@@ -10,7 +10,7 @@ SID_ROOT ?= .sid/root
 
 .PHONY: demo test lint typecheck pytest pytest-oldest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml hatch_build.py src/threadctx/_ctxread.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@

@@ -12,17 +12,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_asgi, bench_context, bench_logging, bench_service, bench_watchdog
+from benchmarks import (
+    bench_asgi,
+    bench_context,
+    bench_logging,
+    bench_request_path,
+    bench_scale,
+    bench_service,
+    bench_watchdog,
+)
 from benchmarks.harness import Result, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 Sections = list[tuple[str, list[tuple[str, list[Result], str]]]]
+
+
+def _load() -> str:
+    """The machine's load when the run started: a busy machine moves the times, less the ratios."""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    return f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start"
 
 
 def run_sections() -> Sections:
@@ -79,13 +95,14 @@ def main(argv: list[str] | None = None) -> None:
         "side in one process: the variants alternate within every round, and the ratio is the median of the",
         "per-round ratios to the baseline, so it holds from machine to machine better than the times do.",
         "",
-        f"Measured on Python {platform.python_version()} ({platform.machine()}, {sys.platform}).",
+        f"Measured on Python {platform.python_version()} ({platform.machine()}, {sys.platform}){_load()}.",
         "",
-        "Why attach + detach costs more than the default: threadctx keeps the current context in a",
-        "ContextVar, as the default backend does, and also publishes it in the thread's registry entry",
-        "(one thread-local attribute write per attach and per detach) so that other threads can see it",
-        "(`snapshot()`). `get_current` is the ContextVar's own C method, with no Python frame. A span's",
-        "start and end, where attach and detach are used in practice, is within noise of the default.",
+        "threadctx keeps the current context in a ContextVar, as the default backend does. With its",
+        "compiled reader (`threadctx._ctxread`, built at install), `attach`, `detach` and `get_current` are",
+        "the ContextVar's own C methods, called with no Python frame, and `snapshot()` reads each thread's",
+        "context from the interpreter. Without it (the pure-Python fallback: no compiler at install time,",
+        "a free-threaded build, `THREADCTX_PURE_PYTHON=1`) `attach` and `detach` also write the context into",
+        "the thread's registry entry, the mirror that `snapshot()` reads; both are measured below.",
         "",
         "The 8-thread tables are dominated by the threads handing the GIL to each other; their ratios",
         "move by about 0.1 from run to run.",
@@ -113,11 +130,26 @@ def main(argv: list[str] | None = None) -> None:
             extra = other_rows(title, [r.name for r in rows], others)
             if extra:
                 out += [extra]
-    # Not run on the other interpreters: it needs a process of its own per server, and its table
-    # is about one service on this machine, not about an interpreter.
-    service = bench_service.table(bench_service.run_all())
-    print(service)
-    out += ["## A request through a real service", "", service]
+        if heading == "Runtime context":
+            out += [bench_context.reader_options(results[0][1])]
+    # Not run on the other interpreters: each server is a process of its own, and the table is
+    # about one service on this machine, not about an interpreter.
+    out += ["## A service under load", ""]
+    for part in bench_service.run_all():
+        out += [part]
+        print(part)
+    out += [
+        "Where the added cost goes: each piece that (c) and (d) add, timed in one process beside its",
+        "counterpart (numbers per request).",
+        "",
+    ]
+    for title, rows, target in bench_request_path.run_all():
+        out += [table(title, rows, target=target)]
+        print(table(title, rows, target=target))
+    out += ["## Scale: snapshot() and dump() over many threads", ""]
+    for part in bench_scale.run_all():
+        out += [part]
+        print(part)
     DOC.write_text("\n".join(out))
     print(f"wrote {DOC}")
 

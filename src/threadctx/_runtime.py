@@ -4,10 +4,15 @@ The current context lives in a ``ContextVar``: that gives exactly the token
 semantics of ``contextvars`` (restore what the token saved, also out of
 order; a token used twice, or from another thread, raises and changes
 nothing) and keeps asyncio tasks isolated, with ``asyncio.to_thread`` and
-``loop.run_in_executor`` behaving as with the default backend.  Every
-``attach`` and ``detach`` also publishes the new current context in the
-calling thread's registry entry, which is what :func:`threadctx.snapshot`
-reads from other threads.
+``loop.run_in_executor`` behaving as with the default backend.
+
+How other threads see it (:func:`threadctx.snapshot`) depends on the reader
+in use (see ``_storage``).  With the compiled reader, ``snapshot()`` reads
+each thread's current context itself, and ``attach``/``detach`` are the
+ContextVar's own ``set``/``reset``.  Without it (no compiler at install time,
+a free-threaded build, or ``THREADCTX_PURE_PYTHON=1``), ``attach`` and
+``detach`` also write the new current context into the thread's registry
+entry: the mirror that ``snapshot()`` reads there.
 
 This module imports only ``opentelemetry.context.context``: it is loaded
 through the ``opentelemetry_context`` entry point while
@@ -16,16 +21,19 @@ through the ``opentelemetry_context`` entry point while
 
 from __future__ import annotations
 
+import weakref
 from contextvars import ContextVar, Token
 
 from opentelemetry.context.context import Context, _RuntimeContext
 
+from threadctx import _storage
 from threadctx._storage import _local
 
 __all__ = ["ThreadRuntimeContext"]
 
-# Context is a dict, but OpenTelemetry never mutates one after creating it.
-_CURRENT: ContextVar[Context] = ContextVar("threadctx_current_context", default=Context())  # noqa: B039
+#: Each thread's (and asyncio task's) current OpenTelemetry context.
+#: Context is a dict, but OpenTelemetry never mutates one after creating it.
+CURRENT: ContextVar[Context] = ContextVar("threadctx_current_context", default=Context())  # noqa: B039
 
 
 class ThreadRuntimeContext(_RuntimeContext):
@@ -45,16 +53,20 @@ class ThreadRuntimeContext(_RuntimeContext):
     .. versionadded:: 0.1.0
     """
 
+    def __init__(self) -> None:
+        _instances.add(self)
+        _choose_methods(self)
+
     def attach(self, context: Context) -> Token[Context]:
         """Make ``context`` current and return a token that restores the previous one."""
-        token = _CURRENT.set(context)
+        token = CURRENT.set(context)
         _local.state.context = context
         return token
 
     #: Return the current context of this thread or asyncio task. It is the
     #: ContextVar's own C method, called without a Python frame: a builtin is
     #: not a descriptor, so no ``self`` is passed.
-    get_current = _CURRENT.get
+    get_current = CURRENT.get
 
     def detach(self, token: Token[Context]) -> None:
         """Restore the context that ``token`` saved.
@@ -63,5 +75,33 @@ class ThreadRuntimeContext(_RuntimeContext):
             RuntimeError: the token was already used.
             ValueError: the token was created in another thread or task.
         """
-        _CURRENT.reset(token)
-        _local.state.context = _CURRENT.get()
+        CURRENT.reset(token)
+        # None where the variable is unset again: the thread is back to no context at all.
+        _local.state.context = CURRENT.get(None)
+
+
+_instances: weakref.WeakSet[ThreadRuntimeContext] = weakref.WeakSet()
+
+
+def _choose_methods(runtime: ThreadRuntimeContext) -> None:
+    """With the compiled reader, the instance's attach/detach are the ContextVar's builtin set/reset.
+
+    A builtin stored on the instance is called with no Python frame and no
+    ``self``; the class keeps the documented methods, which also write the
+    mirror, for when the reader is not in use.
+    """
+    if _storage.reader_in_use():
+        runtime.__dict__.update(attach=CURRENT.set, detach=CURRENT.reset)
+    else:
+        runtime.__dict__.pop("attach", None)
+        runtime.__dict__.pop("detach", None)
+
+
+def _use_reader(enabled: bool) -> None:
+    """Read contexts with the compiled reader (``enabled``, where it is loaded) or through the mirror.
+
+    Chosen once at import; tests and benchmarks switch between threads' lives.
+    """
+    _storage.use_reader(enabled)
+    for runtime in list(_instances):
+        _choose_methods(runtime)

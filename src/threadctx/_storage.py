@@ -1,4 +1,4 @@
-"""Per-thread storage and the registry that other threads can read.
+"""Per-thread storage, the registry that other threads can read, and how their contexts are read.
 
 Each thread gets one ``_ThreadState`` the first time it touches threadctx.
 The state is reached through a ``threading.local`` (never through the thread
@@ -11,6 +11,19 @@ The registry has no lock: inserting, popping and copying a dict are each
 atomic in CPython (under the GIL, and under the per-object lock of
 free-threaded builds).  There is therefore no lock that a thread could hold
 at the moment of a ``fork`` or of a signal.
+
+Each thread's current OpenTelemetry context is the value of ``_runtime.CURRENT`` in
+the ``contextvars.Context`` the thread runs in.  Other threads read it in one
+of two ways:
+
+- the compiled reader (``threadctx._ctxread``) reads ``CURRENT`` in every
+  thread's current context, under the GIL: exact, also inside
+  ``contextvars.Context.run`` and after it returns, and for threads that
+  never touched threadctx but run in a context that holds one (Python 3.14's
+  ``thread_inherit_context``);
+- without it (not built, a free-threaded build, or ``THREADCTX_PURE_PYTHON=1``),
+  the mirror: ``attach``/``detach`` write the new context into the thread's
+  state, and readers read that.  It cannot know when ``Context.run`` returns.
 """
 
 from __future__ import annotations
@@ -21,7 +34,8 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -38,6 +52,35 @@ __all__ = [
 ]
 
 
+_Reader = Callable[[ContextVar["Context"]], dict[int, tuple[int, "Context"]]]
+
+
+def _load_reader() -> _Reader | None:
+    if os.environ.get("THREADCTX_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from threadctx._ctxread import contexts  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # not built (no compiler), or a free-threaded build
+        return None
+    return contexts  # type: ignore[no-any-return,unused-ignore]
+
+
+#: The compiled reader where it is built and allowed; None means the mirror.
+_LOADED_READER = _load_reader()
+_read_contexts: _Reader | None = _LOADED_READER
+
+
+def use_reader(enabled: bool) -> None:
+    """Use the compiled reader where it is loaded (``enabled``), else the mirror; see ``_runtime``."""
+    global _read_contexts  # noqa: PLW0603 - set once at import, and by tests between threads' lives
+    _read_contexts = _LOADED_READER if enabled else None
+
+
+def reader_in_use() -> bool:
+    """Whether other threads' contexts are read by the compiled reader (else: from the mirror)."""
+    return _read_contexts is not None
+
+
 class _ThreadState:
     """What threadctx keeps for one thread."""
 
@@ -48,8 +91,8 @@ class _ThreadState:
         self.alive = alive
         self.ident: int = threading.get_ident()
         self.native_id: int = threading.get_native_id()
-        #: The OpenTelemetry context this thread attached last (a mirror of the
-        #: ContextVar that is the source of truth; see ``_runtime``).
+        #: Without the compiled reader only: the OpenTelemetry context this
+        #: thread attached last (a mirror of CURRENT, the source of truth).
         self.context: Context | None = None
         self.storage: dict[str, Any] | None = None
         self.key: int = id(self)
@@ -207,7 +250,7 @@ def _warn_if_foreign_runtime(stacklevel: int = 2) -> None:
     )
 
 
-def _describe(state: _ThreadState, context: Context | None, name: str) -> ThreadSnapshot:
+def _describe(state: LiveThread, context: Context | None, name: str) -> ThreadSnapshot:
     """Describe one thread whose current context is ``context``."""
     trace_id = span_id = span_name = None
     started_at = elapsed = None
@@ -245,13 +288,22 @@ def _describe(state: _ThreadState, context: Context | None, name: str) -> Thread
     )
 
 
-def live_states() -> dict[int, _ThreadState]:
-    """The state of each live thread that has one, by ident; the newest wins for a reused ident.
+class LiveThread:
+    """One live thread as a reader saw it: what ``snapshot()`` and ``dump()`` describe."""
 
-    Liveness comes from each state's marker, not from ``sys._current_frames()``,
-    which materialises every thread's frames (costly, and it has crashed
-    CPython 3.11 under heavy thread churn).
-    """
+    __slots__ = ("context", "ident", "native_id", "storage")
+
+    def __init__(
+        self, ident: int, native_id: int, storage: dict[str, Any] | None, context: Context | None
+    ) -> None:
+        self.ident = ident
+        self.native_id = native_id
+        self.storage = storage
+        #: The thread's current OpenTelemetry context; None where it has none.
+        self.context = context
+
+
+def _newest_states() -> dict[int, _ThreadState]:
     newest: dict[int, _ThreadState] = {}
     for ref in _registry.copy().values():  # copy(): atomic, so no lock needed
         state = ref()
@@ -263,6 +315,40 @@ def live_states() -> dict[int, _ThreadState]:
         if seen is None or state.generation > seen.generation:
             newest[state.ident] = state
     return newest
+
+
+def live_states() -> dict[int, LiveThread]:
+    """Each live thread that holds a context or a registry state, by ident.
+
+    With the compiled reader, a thread's context is the one it runs in now,
+    read from the interpreter, and a thread is listed also without a state of
+    its own (it may run in a context it inherited or was handed); without it,
+    the context is the state's mirror.  For a reused ident, the newest state
+    wins.  Liveness comes from each state's marker, not from
+    ``sys._current_frames()``, which materialises every thread's frames
+    (costly, and it has crashed CPython 3.11 under heavy thread churn).
+    """
+    states = _newest_states()
+    reader = _read_contexts
+    if reader is None:
+        return {
+            ident: LiveThread(ident, state.native_id, state.storage, state.context)
+            for ident, state in states.items()
+        }
+    from threadctx._runtime import CURRENT  # here: _runtime imports this module
+
+    contexts = reader(CURRENT)
+    live = {}
+    for ident, state in states.items():
+        entry = contexts.pop(ident, None)
+        live[ident] = LiveThread(ident, state.native_id, state.storage, None if entry is None else entry[1])
+    if contexts:
+        threads = known_threads()
+        for ident, (read_native_id, context) in contexts.items():
+            # Python 3.10's thread states carry no native id: threading knows it where it knows the thread.
+            native_id = read_native_id or getattr(threads.get(ident), "native_id", None) or 0
+            live[ident] = LiveThread(ident, native_id, None, context)
+    return live
 
 
 def known_threads() -> dict[int, threading.Thread]:
@@ -281,9 +367,11 @@ def snapshot() -> list[ThreadSnapshot]:
     Safe to call from any thread at any time, also while threads start and
     stop, and from a signal handler; it takes no lock and never raises for a
     thread that ends meanwhile.
-    The calling thread is described from its current context; other threads
-    from the context they attached last (for a thread that runs an asyncio
-    loop, that is the context of whichever task attached last).
+    The calling thread is described from its current context.  Other threads
+    are described from the context they run in at this moment where the
+    compiled reader is in use (for a thread that runs an asyncio loop, the
+    running task's, else the loop's own); elsewhere (a free-threaded build,
+    or no compiler at install time) from the context they attached last.
     """
     _warn_if_foreign_runtime()
     # Imported here for the same reason as in _describe.
@@ -292,13 +380,13 @@ def snapshot() -> list[ThreadSnapshot]:
     threads = known_threads()
     me = threading.get_ident()
     result = []
-    for state in live_states().values():
-        context = otel_context.get_current() if state.ident == me else state.context
-        if context is None and state.storage is None:
+    for live in live_states().values():
+        context = otel_context.get_current() if live.ident == me else live.context
+        if context is None and live.storage is None:
             continue
-        thread = threads.get(state.ident)
-        name = thread.name if thread is not None else f"<thread {state.ident}>"
-        result.append(_describe(state, context, name))
+        thread = threads.get(live.ident)
+        name = thread.name if thread is not None else f"<thread {live.ident}>"
+        result.append(_describe(live, context, name))
     result.sort(key=lambda entry: entry.thread_id)
     return result
 

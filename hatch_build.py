@@ -1,0 +1,95 @@
+"""Build hook: compiles threadctx's optional C reader (``threadctx._ctxread``) into the wheel.
+
+The reader lets ``snapshot()`` read each thread's current context itself (see
+docs/concepts.md, "How snapshot() reads other threads"). It is optional: when
+it cannot be built (no compiler, no Python headers, a free-threaded build, not
+CPython, or ``THREADCTX_BUILD_EXTENSION=0``) the hook says why and the wheel is the
+pure-Python one, which threadctx runs on with its registry mirror. The build
+never fails because of it.
+
+An editable install (``pip install -e .``) puts the module beside the sources
+in ``src/threadctx/``, where the editable import finds it; a regular wheel gets
+it from a temporary directory, and is then tagged for this interpreter and
+platform.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+
+MODULE = "threadctx._ctxread"
+SOURCE = "src/threadctx/_ctxread.c"
+
+
+def _skip_reason() -> str | None:
+    if os.environ.get("THREADCTX_BUILD_EXTENSION", "1") == "0":
+        return "THREADCTX_BUILD_EXTENSION=0"
+    if platform.python_implementation() != "CPython":
+        return f"{platform.python_implementation()} (the reader reads CPython's thread states)"
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return "a free-threaded build (the reader relies on the GIL)"
+    return None
+
+
+def _compile(root: Path, work: Path) -> Path:
+    """Compile the module with the platform's compiler (through setuptools) and return its path."""
+    from setuptools import Distribution, Extension
+    from setuptools.command.build_ext import build_ext
+
+    windows = sysconfig.get_platform().startswith("win")
+    extension = Extension(
+        MODULE, [str(root / SOURCE)], extra_compile_args=[] if windows else ["-Wall", "-O2"]
+    )
+    command = build_ext(Distribution({"name": "threadctx", "ext_modules": [extension]}))
+    command.build_lib = str(work / "lib")
+    command.build_temp = str(work / "temp")
+    command.ensure_finalized()
+    command.run()
+    return Path(command.get_ext_fullpath(MODULE))
+
+
+class CtxReadBuildHook(BuildHookInterface):  # type: ignore[type-arg]
+    """Adds the compiled reader to the wheel, or leaves the wheel pure Python."""
+
+    PLUGIN_NAME = "custom"
+
+    def initialize(self, version: str, build_data: dict[str, Any]) -> None:
+        """Compile the reader before hatchling collects the wheel's files."""
+        if self.target_name != "wheel":
+            return
+        reason = _skip_reason()
+        if reason is not None:
+            self.app.display_warning(f"threadctx: not building {MODULE}: {reason}; pure-Python wheel")
+            return
+        root = Path(self.root)
+        self._work = Path(tempfile.mkdtemp(prefix="threadctx-build-"))
+        try:
+            built = _compile(root, self._work)
+        except (Exception, SystemExit) as exc:  # any failure, distutils's SystemExit included
+            self.app.display_warning(
+                f"threadctx: could not build {MODULE} ({type(exc).__name__}: {exc}); "
+                "pure-Python wheel, snapshot() uses the registry mirror"
+            )
+            return
+        if version == "editable":
+            # The editable wheel points the import system at src/: put the module there.
+            target = root / "src" / "threadctx" / built.name
+            shutil.copyfile(built, target)
+        else:
+            build_data["force_include"][str(built)] = f"threadctx/{built.name}"
+        build_data["pure_python"] = False
+        build_data["infer_tag"] = True
+
+    def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:
+        """Remove the temporary build directory once the wheel is written."""
+        work = getattr(self, "_work", None)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
