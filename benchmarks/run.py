@@ -4,8 +4,8 @@ Usage: python -m benchmarks.run  (or: make bench)
 
 Other interpreters' ratios: ``python -m benchmarks.run --ratios-only FILE.json`` on each of them
 writes that interpreter's ratios (nothing else); ``python -m benchmarks.run --other FILE.json ...``
-then adds them, one row per interpreter, under each table (make bench-new-pythons does both, for
-Python 3.14 and 3.15).
+then adds them, one row per interpreter, under each table, and with ``--add-to-doc`` puts them into
+the existing page without running anything (make bench-new-pythons: Python 3.14 and 3.15).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from benchmarks import bench_context, bench_logging, bench_service
 from benchmarks.harness import Result, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+OTHERS_HEADING = "Ratios to the baseline on other interpreters (same machine):"
 
 Sections = list[tuple[str, list[tuple[str, list[Result], str]]]]
 
@@ -49,7 +51,21 @@ def other_rows(title: str, variants: list[str], others: list[dict[str, Any]]) ->
         lines.append(
             f"| {python} | " + " | ".join(f"{ratio[v]:.2f}x" if v in ratio else "-" for v in variants) + " |"
         )
-    return "Ratios to the baseline on other interpreters (same machine):\n\n" + "\n".join(lines) + "\n"
+    return OTHERS_HEADING + "\n\n" + "\n".join(lines) + "\n"
+
+
+def add_to_doc(others: list[dict[str, Any]]) -> None:
+    """Put the other interpreters' rows under each table of the existing page, replacing earlier ones."""
+    sections = re.split(r"(?m)^(?=##+ )", DOC.read_text())
+    for index, section in enumerate(sections):
+        if not section.startswith("### "):
+            continue
+        title = section.splitlines()[0][4:]
+        kept = section.split(OTHERS_HEADING)[0].rstrip("\n") + "\n\n"
+        variants = next((list(o["tables"][title]) for o in others if title in o["tables"]), [])
+        extra = other_rows(title, variants, others)
+        sections[index] = kept + (extra + "\n" if extra else "")
+    DOC.write_text("".join(sections).rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,8 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--other", type=Path, action="append", default=[], metavar="FILE", help="add these ratios"
     )
+    parser.add_argument(
+        "--add-to-doc", action="store_true", help="run nothing: put the --other rows into the existing page"
+    )
     args = parser.parse_args(argv)
     others = [json.loads(path.read_text()) for path in args.other]
+    if args.add_to_doc:
+        add_to_doc(others)
+        print(f"wrote {DOC}")
+        return
     sections = run_sections()
     if args.ratios_only:
         args.ratios_only.write_text(json.dumps(ratios(sections), indent=1) + "\n")
