@@ -66,7 +66,11 @@ bench: $(VENV)/.installed  ## writes docs/benchmarks.md
 
 bench-new-pythons: $(VENV)/.installed  ## the ratios on 3.14 and 3.15 (Debian unstable root), added under each table of docs/benchmarks.md
 	SID_ROOT=$(SID_ROOT) .ci/new-pythons --bench
-	$(BIN)/python -m benchmarks.run --add-to-doc --other .sid/bench-3.14.json --other .sid/bench-3.15.json
+	# This interpreter again, right after: the same machine load as the rows above it.
+	$(BIN)/python -m benchmarks.run --ratios-only .sid/bench-here.json \
+	    --label "$$($(BIN)/python -c 'import platform; print(platform.python_version())'), at the same time"
+	$(BIN)/python -m benchmarks.run --add-to-doc \
+	    --other .sid/bench-here.json --other .sid/bench-3.14.json --other .sid/bench-3.15.json
 
 clean:
 	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build

@@ -22,7 +22,10 @@ from benchmarks import bench_context, bench_logging, bench_service
 from benchmarks.harness import Result, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-OTHERS_HEADING = "Ratios to the baseline on other interpreters (same machine):"
+OTHERS_HEADING = (
+    "Ratios on other interpreters (`make bench-new-pythons`); the first row is this page's interpreter"
+    " again, measured in the same session, under the same machine load (ratios move by about 0.1):"
+)
 
 Sections = list[tuple[str, list[tuple[str, list[Result], str]]]]
 
@@ -31,14 +34,14 @@ def run_sections() -> Sections:
     return [("Runtime context", bench_context.run_all()), ("Logging", bench_logging.run_all())]
 
 
-def ratios(sections: Sections) -> dict[str, Any]:
+def ratios(sections: Sections, label: str | None) -> dict[str, Any]:
     """This interpreter's ratios, by table title and variant."""
     tables = {
         title: {r.name: round(r.ratio, 2) for r in rows}
         for _, results in sections
         for title, rows, _ in results
     }
-    return {"python": platform.python_version(), "tables": tables}
+    return {"python": label or platform.python_version(), "tables": tables}
 
 
 def other_rows(title: str, variants: list[str], others: list[dict[str, Any]]) -> str:
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ratios-only", type=Path, metavar="FILE", help="write this interpreter's ratios to FILE"
     )
+    parser.add_argument("--label", help="with --ratios-only: the row's name (default: the Python version)")
     parser.add_argument(
         "--other", type=Path, action="append", default=[], metavar="FILE", help="add these ratios"
     )
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     sections = run_sections()
     if args.ratios_only:
-        args.ratios_only.write_text(json.dumps(ratios(sections), indent=1) + "\n")
+        args.ratios_only.write_text(json.dumps(ratios(sections, args.label), indent=1) + "\n")
         print(f"wrote {args.ratios_only}")
         return
     out = [
