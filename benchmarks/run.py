@@ -22,9 +22,10 @@ from benchmarks import bench_context, bench_logging, bench_service
 from benchmarks.harness import Result, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-OTHERS_HEADING = (
-    "Ratios on other interpreters (`make bench-new-pythons`); the first row is this page's interpreter"
-    " again, measured in the same session, under the same machine load (ratios move by about 0.1):"
+OTHERS_HEADING = "Ratios on other interpreters (`make bench-new-pythons`)"
+SAME_SESSION = (
+    "; the first row is this page's interpreter again, measured in the same session, under the same"
+    " machine load (ratios move by about 0.1):"
 )
 
 Sections = list[tuple[str, list[tuple[str, list[Result], str]]]]
@@ -44,7 +45,7 @@ def ratios(sections: Sections, label: str | None) -> dict[str, Any]:
     return {"python": label or platform.python_version(), "tables": tables}
 
 
-def other_rows(title: str, variants: list[str], others: list[dict[str, Any]]) -> str:
+def other_rows(title: str, variants: list[str], others: list[dict[str, Any]], note: str = ":") -> str:
     """One row per other interpreter under a table: its ratios only (times differ by build)."""
     rows = [(other["python"], other["tables"][title]) for other in others if title in other["tables"]]
     if not rows:
@@ -54,7 +55,7 @@ def other_rows(title: str, variants: list[str], others: list[dict[str, Any]]) ->
         lines.append(
             f"| {python} | " + " | ".join(f"{ratio[v]:.2f}x" if v in ratio else "-" for v in variants) + " |"
         )
-    return OTHERS_HEADING + "\n\n" + "\n".join(lines) + "\n"
+    return OTHERS_HEADING + note + "\n\n" + "\n".join(lines) + "\n"
 
 
 def add_to_doc(others: list[dict[str, Any]]) -> None:
@@ -66,7 +67,7 @@ def add_to_doc(others: list[dict[str, Any]]) -> None:
         title = section.splitlines()[0][4:]
         kept = section.split(OTHERS_HEADING)[0].rstrip("\n") + "\n\n"
         variants = next((list(o["tables"][title]) for o in others if title in o["tables"]), [])
-        extra = other_rows(title, variants, others)
+        extra = other_rows(title, variants, others, SAME_SESSION)
         sections[index] = kept + (extra + "\n" if extra else "")
     DOC.write_text("".join(sections).rstrip("\n") + "\n")
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         for title, rows, target in results:
             out += [table(title, rows, target=target)]
             print(table(title, rows, target=target))
-            extra = other_rows(title, [r.name for r in rows], others)
+            extra = other_rows(title, [r.name for r in rows], others, ", an earlier session:")
             if extra:
                 out += [extra]
     # Not run on the other interpreters: it needs a process of its own per server, and its table
