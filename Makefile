@@ -58,12 +58,19 @@ docs: $(VENV)/.docs  ## the documentation site, warnings are errors: docs/_build
 conformance: $(VENV)/.installed  ## OpenTelemetry's own test suites, default backend vs threadctx
 	$(BIN)/python conformance/run.py --python $(PYTHON)
 
-bench: $(VENV)/.installed  ## writes docs/benchmarks.md
-	$(BIN)/python -m benchmarks.run
+# Ratios measured on 3.14 and 3.15 by bench-new-pythons, kept under each table by a new make bench.
+OTHER_RATIOS = $(foreach file,$(wildcard .sid/bench-3.*.json),--other $(file))
 
-bench-new-pythons: $(VENV)/.installed  ## writes docs/benchmarks.md with the ratios on 3.14 and 3.15 under each table
+bench: $(VENV)/.installed  ## writes docs/benchmarks.md
+	$(BIN)/python -m benchmarks.run $(OTHER_RATIOS)
+
+bench-new-pythons: $(VENV)/.installed  ## the ratios on 3.14 and 3.15 (Debian unstable root), added under each table of docs/benchmarks.md
 	SID_ROOT=$(SID_ROOT) .ci/new-pythons --bench
-	$(BIN)/python -m benchmarks.run --other .sid/bench-3.14.json --other .sid/bench-3.15.json
+	# This interpreter again, right after: the same machine load as the rows above it.
+	$(BIN)/python -m benchmarks.run --ratios-only .sid/bench-here.json \
+	    --label "$$($(BIN)/python -c 'import platform; print(platform.python_version())'), at the same time"
+	$(BIN)/python -m benchmarks.run --add-to-doc \
+	    --other .sid/bench-here.json --other .sid/bench-3.14.json --other .sid/bench-3.15.json
 
 clean:
 	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build

@@ -4,8 +4,8 @@ Usage: python -m benchmarks.run  (or: make bench)
 
 Other interpreters' ratios: ``python -m benchmarks.run --ratios-only FILE.json`` on each of them
 writes that interpreter's ratios (nothing else); ``python -m benchmarks.run --other FILE.json ...``
-then adds them, one row per interpreter, under each table (make bench-new-pythons does both, for
-Python 3.14 and 3.15).
+then adds them, one row per interpreter, under each table, and with ``--add-to-doc`` puts them into
+the existing page without running anything (make bench-new-pythons: Python 3.14 and 3.15).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ from benchmarks import (
 from benchmarks.harness import Result, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+OTHERS_HEADING = "Ratios on other interpreters (`make bench-new-pythons`)"
+SAME_SESSION = (
+    "; the first row is this page's interpreter again, measured in the same session, under the same"
+    " machine load (ratios move by about 0.1):"
+)
 
 Sections = list[tuple[str, list[tuple[str, list[Result], str]]]]
 
@@ -50,17 +56,17 @@ def run_sections() -> Sections:
     ]
 
 
-def ratios(sections: Sections) -> dict[str, Any]:
+def ratios(sections: Sections, label: str | None) -> dict[str, Any]:
     """This interpreter's ratios, by table title and variant."""
     tables = {
         title: {r.name: round(r.ratio, 2) for r in rows}
         for _, results in sections
         for title, rows, _ in results
     }
-    return {"python": platform.python_version(), "tables": tables}
+    return {"python": label or platform.python_version(), "tables": tables}
 
 
-def other_rows(title: str, variants: list[str], others: list[dict[str, Any]]) -> str:
+def other_rows(title: str, variants: list[str], others: list[dict[str, Any]], note: str = ":") -> str:
     """One row per other interpreter under a table: its ratios only (times differ by build)."""
     rows = [(other["python"], other["tables"][title]) for other in others if title in other["tables"]]
     if not rows:
@@ -70,7 +76,21 @@ def other_rows(title: str, variants: list[str], others: list[dict[str, Any]]) ->
         lines.append(
             f"| {python} | " + " | ".join(f"{ratio[v]:.2f}x" if v in ratio else "-" for v in variants) + " |"
         )
-    return "Ratios to the baseline on other interpreters (same machine):\n\n" + "\n".join(lines) + "\n"
+    return OTHERS_HEADING + note + "\n\n" + "\n".join(lines) + "\n"
+
+
+def add_to_doc(others: list[dict[str, Any]]) -> None:
+    """Put the other interpreters' rows under each table of the existing page, replacing earlier ones."""
+    sections = re.split(r"(?m)^(?=##+ )", DOC.read_text())
+    for index, section in enumerate(sections):
+        if not section.startswith("### "):
+            continue
+        title = section.splitlines()[0][4:]
+        kept = section.split(OTHERS_HEADING)[0].rstrip("\n") + "\n\n"
+        variants = next((list(o["tables"][title]) for o in others if title in o["tables"]), [])
+        extra = other_rows(title, variants, others, SAME_SESSION)
+        sections[index] = kept + (extra + "\n" if extra else "")
+    DOC.write_text("".join(sections).rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,14 +98,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ratios-only", type=Path, metavar="FILE", help="write this interpreter's ratios to FILE"
     )
+    parser.add_argument("--label", help="with --ratios-only: the row's name (default: the Python version)")
     parser.add_argument(
         "--other", type=Path, action="append", default=[], metavar="FILE", help="add these ratios"
     )
+    parser.add_argument(
+        "--add-to-doc", action="store_true", help="run nothing: put the --other rows into the existing page"
+    )
     args = parser.parse_args(argv)
     others = [json.loads(path.read_text()) for path in args.other]
+    if args.add_to_doc:
+        add_to_doc(others)
+        print(f"wrote {DOC}")
+        return
     sections = run_sections()
     if args.ratios_only:
-        args.ratios_only.write_text(json.dumps(ratios(sections), indent=1) + "\n")
+        args.ratios_only.write_text(json.dumps(ratios(sections, args.label), indent=1) + "\n")
         print(f"wrote {args.ratios_only}")
         return
     out = [
@@ -127,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         for title, rows, target in results:
             out += [table(title, rows, target=target)]
             print(table(title, rows, target=target))
-            extra = other_rows(title, [r.name for r in rows], others)
+            extra = other_rows(title, [r.name for r in rows], others, ", an earlier session:")
             if extra:
                 out += [extra]
         if heading == "Runtime context":
