@@ -24,7 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
 from threadctx._correlation import MAX_IDS, _show, _with_ids, correlation, merged, validate
-from threadctx._propagation import _count, carries_context, extract
+from threadctx._propagation import _BAGGAGE, _count, carries_context, extract
 
 __all__ = ["REQUEST_ID", "RequestPolicy", "is_async_callable", "new_request_id", "warn_outside"]
 
@@ -101,9 +101,14 @@ class RequestPolicy:
         lowercase, if the adapter has them at hand.
         """
         context = current = otel_context.get_current()
-        # Without a propagation header (or baggage to turn into IDs), extract returns `current`.
-        if carries_context(carrier, getter, names) or otel_baggage.get_all(current):
-            has_span = otel_trace.get_current_span(current).get_span_context().is_valid
+        has_span = otel_trace.get_current_span(current).get_span_context().is_valid
+        # Under a server span only the baggage is read. Without a header that extract would
+        # read (or baggage already extracted, to turn into IDs), it would return `current`.
+        if has_span:
+            incoming = _BAGGAGE in names if names is not None else getter.get(carrier, _BAGGAGE) is not None
+        else:
+            incoming = carries_context(carrier, getter, names)
+        if incoming or otel_baggage.get_all(current):
             context = extract(carrier, context=current, getter=getter, trace=not has_span)
         request_id = self._request_id(getter.get(carrier, self.header), context)
         ids = correlation(context)
