@@ -57,6 +57,10 @@ def warn_outside(kind: str, inside: str, stacklevel: int) -> None:
     )
 
 
+def _has_header(carrier: C, getter: Getter[C], names: AbstractSet[str] | None, header: str) -> bool:
+    return header in names if names is not None else getter.get(carrier, header) is not None
+
+
 class RequestPolicy:
     """Which context and request id a request gets.
 
@@ -101,15 +105,13 @@ class RequestPolicy:
         lowercase, if the adapter has them at hand.
         """
         context = current = otel_context.get_current()
-        has_span = otel_trace.get_current_span(current).get_span_context().is_valid
-        # Under a server span only the baggage is read. Without a header that extract would
-        # read (or baggage already extracted, to turn into IDs), it would return `current`.
-        if has_span:
-            incoming = _BAGGAGE in names if names is not None else getter.get(carrier, _BAGGAGE) is not None
-        else:
-            incoming = carries_context(carrier, getter, names)
-        if incoming or otel_baggage.get_all(current):
-            context = extract(carrier, context=current, getter=getter, trace=not has_span)
+        extracted_baggage = otel_baggage.get_all(current)  # by a middleware outside: to turn into IDs
+        # Without a propagation header (or such baggage), extract would return `current`.
+        if carries_context(carrier, getter, names) or extracted_baggage:
+            has_span = otel_trace.get_current_span(current).get_span_context().is_valid
+            # Under a server span only the baggage is read: skip extract when there is none.
+            if not has_span or extracted_baggage or _has_header(carrier, getter, names, _BAGGAGE):
+                context = extract(carrier, context=current, getter=getter, trace=not has_span)
         request_id = self._request_id(getter.get(carrier, self.header), context)
         ids = correlation(context)
         if len(ids) >= MAX_IDS:  # rare: let merged() say why it is refused
