@@ -129,11 +129,13 @@ def test_prefix_and_reserved_names(capture: list[logging.LogRecord]) -> None:
         ("otel-python", lambda t, s, ti, si: {"otelTraceID": t, "otelSpanID": s, "otelTraceSampled": True,
                                               "otelServiceName": SERVICE}),
         ("ecs", lambda t, s, ti, si: {"trace.id": t, "span.id": s, "service.name": SERVICE}),
-        ("datadog", lambda t, s, ti, si: {"dd.trace_id": str(ti & (2**64 - 1)), "dd.span_id": str(si),
-                                          "dd.service": SERVICE}),
+        # The SDK's trace ids are random 128-bit ids: ddtrace writes those in hex.
+        ("datadog", lambda t, s, ti, si: {"dd.trace_id": t if ti >= 2**64 else str(ti), "dd.span_id": str(si),
+                                          "dd.service": SERVICE, "dd.env": "", "dd.version": ""}),
         ("gcp", lambda t, s, ti, si: {"logging.googleapis.com/trace": f"projects/proj-1/traces/{t}",
                                       "logging.googleapis.com/spanId": s,
                                       "logging.googleapis.com/trace_sampled": True}),
+        ("newrelic", lambda t, s, ti, si: {"trace.id": t, "span.id": s, "entity.name": SERVICE}),
         ("correlation", lambda t, s, ti, si: {}),
     ],
 )  # fmt: skip
