@@ -20,9 +20,10 @@ handler = logging.StreamHandler()
 handler.setFormatter(
     logging.Formatter("%(threadName)s trace_id=%(trace_id)s request_id=%(request_id)s %(message)s")
 )
-handler.addFilter(threadctx.ContextFilter())
+handler.addFilter(threadctx.ContextFilter(defaults={"request_id": "-"}))  # "-" outside a request
 logging.basicConfig(level=logging.INFO, handlers=[handler])
 log = logging.getLogger("app")
+log.info("started")  # outside a request: trace_id=000...000 request_id=-
 
 
 def handle(request_id: str) -> None:

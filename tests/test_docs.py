@@ -101,3 +101,42 @@ def test_the_logging_pages_output_blocks_are_what_its_program_prints(tmp_path: P
     result = run_page(page, tmp_path)
     assert result.returncode == 0, result.stderr
     assert masked(result.stdout) == masked(expected)
+
+
+def test_the_quick_start_logs_outside_a_request_without_a_logging_error(tmp_path: Path) -> None:
+    """Issue 11 item 13: its handler formats %(request_id)s, which lines outside a request lack."""
+    result = run_page(DOCS / "quickstart.md", tmp_path)
+    assert "Logging error" not in result.stderr
+    assert f"MainThread trace_id={'0' * 32} request_id=- started" in result.stderr.splitlines()
+
+
+def test_the_readmes_quick_start_logs_outside_a_request_without_a_logging_error(tmp_path: Path) -> None:
+    readme = (DOCS.parent / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    (code,) = BLOCK.findall(section)
+    script = tmp_path / "readme_quickstart.py"
+    script.write_text(code + '\nlogging.getLogger("some.library").warning("outside")\nhandle("req-1")\n')
+    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Logging error" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert f"MainThread trace_id={'0' * 32} request_id=- outside" in lines
+    assert any(
+        re.fullmatch(r"MainThread trace_id=[0-9a-f]{32} request_id=req-1 processing", line) for line in lines
+    )
+
+
+def test_the_presets_table_is_the_codes() -> None:
+    """docs/logging.md's backend table is what threadctx._vendors.table() makes of PRESETS."""
+    from threadctx._vendors import table
+
+    assert table() in (DOCS / "logging.md").read_text()

@@ -8,6 +8,7 @@ import sys
 import weakref
 from collections.abc import Mapping
 from dataclasses import replace
+from itertools import compress
 from os import getpid
 from threading import get_ident
 from typing import Any
@@ -15,7 +16,12 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from threadctx._correlation import correlation
+from threadctx._correlation import CORRELATION_KEY
+
+try:  # the key trace.get_current_span() reads; its call costs more than the read (once per context)
+    from opentelemetry.trace.propagation import _SPAN_KEY
+except ImportError:  # pragma: no cover - a future opentelemetry-api without it: use the public call
+    _SPAN_KEY = ""
 from threadctx._vendors import (
     NAME_KEYS,
     PRESETS,
@@ -29,13 +35,17 @@ from threadctx._vendors import (
 __all__ = ["PRESETS", "ContextFilter", "FieldNames", "instrument_logging", "uninstrument_logging"]
 
 _MARKER = "_threadctx"
-"""The filter's own mark on a record it stamped: ``TRACE-SPAN-FLAGS`` (hex) of the stamping context.
+"""The filter's own mark on a record it stamped: trace id, span id and flags of the stamping context
+(32, 16 and 2 hex digits, one string), or ``"-"`` without a valid span.
 
 Its leading underscore keeps it out of python-json-logger's output. A record that
 carries it was stamped already (in the producing thread, before a ``QueueHandler``):
 a filter in another thread takes the ids from it, never from its own thread's context.
 """
 _NO_SPAN = "-"
+_NO_IDS: Mapping[str, str] = {}
+#: The W3C trace flags byte as two lowercase hex digits.
+_FLAGS = [format(flags, "02x") for flags in range(256)]
 _PLAIN_RECORD = vars(logging.LogRecord("n", logging.INFO, "p", 1, "m", None, None))
 #: How many attributes a record has before anything (extra=, a filter) adds one.
 _PLAIN_RECORD_SIZE = len(_PLAIN_RECORD)
@@ -157,6 +167,15 @@ class ContextFilter(logging.Filter):
         self._wants_project = names.id_format == "gcp" and project_id is None
         self._pending = bool(self._unresolved) or self._wants_project
         self._marks = names.trace_id is not None or names.span_id is not None
+        # Precomputed for _build: which trace fields to write, and the correlation IDs' defaults.
+        written = (names.trace_id, names.span_id, names.trace_flags, names.trace_sampled)
+        self._trace_keys = tuple(key for key in written if key is not None)
+        self._trace_mask = tuple(key is not None for key in written)
+        self._protected = _RESERVED | set(self._trace_keys) | {_MARKER}
+        self._protected |= {getattr(names, what) for what in self._resource_values}
+        self._default_fields = {
+            prefix + key: value for key, value in self.defaults.items() if prefix + key not in self._protected
+        }
         self._cache: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = {}
         self._stamped: dict[str, dict[str, Any]] = {}
         self._reported: set[str] = set()
@@ -221,13 +240,14 @@ class ContextFilter(logging.Filter):
     def _compute(self, context: Any) -> dict[str, Any]:
         if self._pending:
             self._resolve()
-        span_context = trace.get_current_span(context).get_span_context()
-        ids = correlation(context) if self.stamp_correlation else {}
+        # What trace.get_current_span() and correlation() read, without their calls (a Context is a dict).
+        span = context.get(_SPAN_KEY) if _SPAN_KEY else trace.get_current_span(context)
+        span_context = span.get_span_context() if span is not None else trace.INVALID_SPAN_CONTEXT
         fields = self._build(
             (span_context.trace_id, span_context.span_id, span_context.trace_flags)
             if span_context.is_valid
             else None,
-            ids,
+            (context.get(CORRELATION_KEY) or _NO_IDS) if self.stamp_correlation else _NO_IDS,
         )
         if not self._pending:  # cache only what will not change (see _resolve)
             if len(self._cache) >= _CACHE_SIZE:
@@ -240,49 +260,59 @@ class ContextFilter(logging.Filter):
         """The fields for a record another thread stamped: its ids, this filter's names, no correlation."""
         fields = self._stamped.get(stamp) if isinstance(stamp, str) else None
         if fields is None:
+            text = str(stamp)
             try:
-                trace_hex, span_hex, flags = str(stamp).split("-")
-                ids: tuple[int, int, int] | None = (int(trace_hex, 16), int(span_hex, 16), int(flags, 16))
+                span: tuple[int, int, int] | None = (
+                    int(text[:32], 16),
+                    int(text[32:48], 16),
+                    int(text[48:], 16),
+                )
             except ValueError:
-                ids = None  # "-" (no span), or not ours after all
-            fields = self._build(ids, {})
+                span = None  # "-" (no span), or not ours after all
+            fields = self._build(span, _NO_IDS)
             if len(self._stamped) >= _CACHE_SIZE:
                 self._stamped.clear()
-            self._stamped[str(stamp)] = fields
+            self._stamped[text] = fields
         return fields
 
     def _build(self, span: tuple[int, int, int] | None, ids: Mapping[str, str]) -> dict[str, Any]:
-        """The fields for a span's (trace id, span id, flags), or ``None``, and correlation IDs."""
+        """The fields for a span's (trace id, span id, flags), or ``None``, and correlation IDs.
+
+        Once per context (the cache's miss path, which short requests take often): kept lean.
+        """
         names = self.names
         out: dict[str, Any] = {}
         if span is not None:
-            trace_id, span_id = format_ids(names, span[0], span[1], self._project)
-            flags, sampled = format(span[2], "02x"), bool(span[2] & 1)
-            stamp = f"{span[0]:032x}-{span[1]:016x}-{flags}"
+            trace_int, span_int, flags_int = span
+            trace_hex, span_hex, flags = (
+                format(trace_int, "032x"),
+                format(span_int, "016x"),
+                _FLAGS[flags_int & 0xFF],
+            )
+            stamp = trace_hex + span_hex + flags
+            if names.id_format != "hex":
+                trace_hex, span_hex = format_ids(names, trace_int, span_int, self._project)
+            out.update(
+                zip(
+                    self._trace_keys,
+                    compress((trace_hex, span_hex, flags, bool(flags_int & 1)), self._trace_mask),
+                    strict=True,
+                )
+            )
         else:
-            trace_id, span_id, flags, sampled = names.missing_trace_id, names.missing_span_id, "00", False
             stamp = _NO_SPAN
-        if span is not None or names.without_span == "placeholders":
-            for key, value in (
-                (names.trace_id, trace_id),
-                (names.span_id, span_id),
-                (names.trace_flags, flags),
-                (names.trace_sampled, sampled),
-            ):
-                if key is not None:
-                    out[key] = value
+            if names.without_span == "placeholders":
+                values = (names.missing_trace_id, names.missing_span_id, "00", False)
+                out.update(zip(self._trace_keys, compress(values, self._trace_mask), strict=True))
         for what, value in self._resource_values.items():
             out[getattr(names, what)] = value
+        out.update(self._default_fields)
+        prefix, protected = self.prefix, self._protected
         for name, value in ids.items():
-            key = self.prefix + name
-            if key not in _RESERVED:  # never shadow the record's own attributes
-                # Values were validated by bind(); escaping again costs nothing
-                # here (once per context) and covers values set by other means.
-                out.setdefault(key, _printable(value))
-        for name, value in self.defaults.items():
-            key = self.prefix + name
-            if key not in _RESERVED:
-                out.setdefault(key, value)
+            key = prefix + name
+            if key not in protected:  # never shadow the record's own attributes or the trace fields
+                # Values were validated by bind(); escaping again covers values set by other means.
+                out[key] = value if value.isprintable() else _printable(value)
         if self._marks:
             out[_MARKER] = stamp
         return out
