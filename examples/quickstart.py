@@ -23,7 +23,6 @@ handler.setFormatter(
 handler.addFilter(threadctx.ContextFilter(defaults={"request_id": "-"}))  # "-" outside a request
 logging.basicConfig(level=logging.INFO, handlers=[handler])
 log = logging.getLogger("app")
-log.info("started")  # outside a request: trace_id=000...000 request_id=-
 
 
 def handle(request_id: str) -> None:
