@@ -31,6 +31,11 @@ def run_page(page: Path, directory: Path) -> subprocess.CompletedProcess[str]:
     """The page's program, as a script file (so that spawned processes can import it)."""
     script = directory / f"{page.stem}_page.py"
     script.write_text("\n\n".join(BLOCK.findall(page.read_text())))
+    return run_script(script, directory)
+
+
+def run_script(script: Path, directory: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter, in ``directory``, on the runtime context it selects itself."""
     env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
     return subprocess.run(
         [sys.executable, str(script)],
@@ -116,16 +121,7 @@ def test_the_readmes_quick_start_logs_outside_a_request_without_a_logging_error(
     (code,) = BLOCK.findall(section)
     script = tmp_path / "readme_quickstart.py"
     script.write_text(code + '\nlogging.getLogger("some.library").warning("outside")\nhandle("req-1")\n')
-    env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_script(script, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Logging error" not in result.stderr
     lines = result.stderr.splitlines()

@@ -17,11 +17,6 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from threadctx._correlation import CORRELATION_KEY
-
-try:  # the key trace.get_current_span() reads; its call costs more than the read (once per context)
-    from opentelemetry.trace.propagation import _SPAN_KEY
-except ImportError:  # pragma: no cover - a future opentelemetry-api without it: use the public call
-    _SPAN_KEY = ""
 from threadctx._vendors import (
     NAME_KEYS,
     PRESETS,
@@ -31,6 +26,11 @@ from threadctx._vendors import (
     from_resource,
     gcp_project,
 )
+
+try:  # the key trace.get_current_span() reads; its call costs more than the read (once per context)
+    from opentelemetry.trace.propagation import _SPAN_KEY
+except ImportError:  # pragma: no cover - a future opentelemetry-api without it: use the public call
+    _SPAN_KEY = ""
 
 __all__ = ["PRESETS", "ContextFilter", "FieldNames", "instrument_logging", "uninstrument_logging"]
 
@@ -155,7 +155,7 @@ class ContextFilter(logging.Filter):
         self.service_name = service_name
         self.env = env
         self.version = version
-        # What comes from the tracer provider's resource (None: not known yet).
+        # Service, env and version as written ("" until the resource is read, see _resolve).
         given = {"service": service_name, "env": env, "version": version}
         self._resource_values = {
             what: _printable(value) if value is not None else ""
