@@ -51,8 +51,10 @@ LOGGERS = {
     ),
     # The ids come from the instrumentor's record factory; request_id from the same default.
     "LoggingInstrumentor": _logger("instrumentor", "otelTraceID", "otelSpanID", REQUEST_ID, None),
+    # The same Formatter defaults as the instrumentor's variant (the filter sets request_id itself):
+    # a Formatter with defaults merges them into every record's attributes, and all pay for that.
     "threadctx.ContextFilter": _logger(
-        "filter", "trace_id", "span_id", {}, threadctx.ContextFilter(defaults={"request_id": "-"})
+        "filter", "trace_id", "span_id", REQUEST_ID, threadctx.ContextFilter(defaults={"request_id": "-"})
     ),
 }
 

@@ -8,7 +8,6 @@ import sys
 import weakref
 from collections.abc import Mapping
 from dataclasses import replace
-from itertools import compress
 from os import getpid
 from threading import get_ident
 from typing import Any
@@ -163,15 +162,18 @@ class ContextFilter(logging.Filter):
             if getattr(names, what) is not None
         }
         self._unresolved = {what for what in self._resource_values if given[what] is None}
+        self._static = self._named(self._resource_values)
         self._project = project_id
         self._wants_project = names.id_format == "gcp" and project_id is None
         self._pending = bool(self._unresolved) or self._wants_project
         self._marks = names.trace_id is not None or names.span_id is not None
         # Precomputed for _build: which trace fields to write, and the correlation IDs' defaults.
-        written = (names.trace_id, names.span_id, names.trace_flags, names.trace_sampled)
-        self._trace_keys = tuple(key for key in written if key is not None)
-        self._trace_mask = tuple(key is not None for key in written)
-        self._protected = _RESERVED | set(self._trace_keys) | {_MARKER}
+        self._trace_names = (names.trace_id, names.span_id, names.trace_flags, names.trace_sampled)
+        placeholders = (names.missing_trace_id, names.missing_span_id, "00", False)
+        self._missing = {
+            key: value for key, value in zip(self._trace_names, placeholders, strict=True) if key is not None
+        }
+        self._protected = _RESERVED | set(self._missing) | {_MARKER}
         self._protected |= {getattr(names, what) for what in self._resource_values}
         self._default_fields = {
             prefix + key: value for key, value in self.defaults.items() if prefix + key not in self._protected
@@ -243,10 +245,11 @@ class ContextFilter(logging.Filter):
         # What trace.get_current_span() and correlation() read, without their calls (a Context is a dict).
         span = context.get(_SPAN_KEY) if _SPAN_KEY else trace.get_current_span(context)
         span_context = span.get_span_context() if span is not None else trace.INVALID_SPAN_CONTEXT
+        # A SpanContext is a tuple (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid),
+        # as its class declares: one unpack instead of four property calls.
+        trace_id, span_id, _, flags, _, valid = span_context
         fields = self._build(
-            (span_context.trace_id, span_context.span_id, span_context.trace_flags)
-            if span_context.is_valid
-            else None,
+            (trace_id, span_id, flags) if valid else None,
             (context.get(CORRELATION_KEY) or _NO_IDS) if self.stamp_correlation else _NO_IDS,
         )
         if not self._pending:  # cache only what will not change (see _resolve)
@@ -281,7 +284,7 @@ class ContextFilter(logging.Filter):
         Once per context (the cache's miss path, which short requests take often): kept lean.
         """
         names = self.names
-        out: dict[str, Any] = {}
+        out: dict[Any, Any]  # str keys once None is dropped
         if span is not None:
             trace_int, span_int, flags_int = span
             trace_hex, span_hex, flags = (
@@ -292,20 +295,20 @@ class ContextFilter(logging.Filter):
             stamp = trace_hex + span_hex + flags
             if names.id_format != "hex":
                 trace_hex, span_hex = format_ids(names, trace_int, span_int, self._project)
-            out.update(
-                zip(
-                    self._trace_keys,
-                    compress((trace_hex, span_hex, flags, bool(flags_int & 1)), self._trace_mask),
-                    strict=True,
-                )
-            )
+            # One dict display is several times faster than filling it key by key; a field the
+            # preset leaves out has the key None, dropped right after.
+            key_trace, key_span, key_flags, key_sampled = self._trace_names
+            out = {
+                key_trace: trace_hex,
+                key_span: span_hex,
+                key_flags: flags,
+                key_sampled: flags_int & 1 == 1,
+            }
+            out.pop(None, None)
         else:
             stamp = _NO_SPAN
-            if names.without_span == "placeholders":
-                values = (names.missing_trace_id, names.missing_span_id, "00", False)
-                out.update(zip(self._trace_keys, compress(values, self._trace_mask), strict=True))
-        for what, value in self._resource_values.items():
-            out[getattr(names, what)] = value
+            out = dict(self._missing) if names.without_span == "placeholders" else {}
+        out.update(self._static)
         out.update(self._default_fields)
         prefix, protected = self.prefix, self._protected
         for name, value in ids.items():
@@ -316,6 +319,10 @@ class ContextFilter(logging.Filter):
         if self._marks:
             out[_MARKER] = stamp
         return out
+
+    def _named(self, values: Mapping[str, str]) -> dict[str, str]:
+        """``values`` of service, env and version under this filter's field names."""
+        return {getattr(self.names, what): value for what, value in values.items()}
 
     def _resolve(self) -> None:
         """Read what the tracer provider's resource gives, once it has one.
@@ -336,6 +343,7 @@ class ContextFilter(logging.Filter):
             attributes = {}
         for what in self._unresolved:
             self._resource_values[what] = _printable(from_resource(attributes, what) or "")
+        self._static = self._named(self._resource_values)
         if self._wants_project:
             self._project = gcp_project(attributes)
             if self._project is None:
