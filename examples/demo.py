@@ -65,8 +65,8 @@ def configure() -> tuple[InMemorySpanExporter, Collect]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     handler = Collect()
-    handler.setFormatter(logging.Formatter(FORMAT, defaults={"request_id": "-"}))
-    handler.addFilter(threadctx.ContextFilter())
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(threadctx.ContextFilter(defaults={"request_id": "-"}))  # "-" outside a request
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("waitress").setLevel(logging.WARNING)
     return exporter, handler
@@ -150,9 +150,17 @@ class Burst:
 
 
 def show(lines: list[str], outside: list[str], busy: list[threadctx.ThreadSnapshot]) -> None:
-    print("\nsample of the log lines (one handler, many threads):")
-    for line in lines[:: max(len(lines) // 8, 1)][:8] + outside[:2]:
+    print("\nsample of the service's log lines (one handler, many threads):")
+    for line in lines[:: max(len(lines) // 8, 1)][:8]:
         print("  " + line)
+    if outside:
+        # Waitress warns "Task queue depth is N" when requests wait for a free worker thread,
+        # as this burst makes them do on purpose; its loop thread serves no request.
+        example = outside[0].split("request_id=- ", 1)[-1]
+        print(
+            f"  (and {len(outside)} line(s) of waitress's own, such as {example!r}:"
+            " requests waiting for a free worker; logged outside any request, so without ids)"
+        )
     print("\nsnapshot of the server threads mid-flight (threadctx.snapshot()):")
     for entry in sorted(busy, key=lambda entry: entry.name):
         request_id = entry.correlation["request_id"]
@@ -201,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     show(lines, outside, busy)
     sent = burst.sent
 
-    wrong = sum("request_id=- " not in line for line in outside)
+    unmarked = sum(f"trace={'0' * 32} " in line and "request_id=- " in line for line in outside)
+    wrong = 0
     for line in lines:
         match = LINE.search(line)
         wrong += match is None or match["rid"] != match["own"] or match["trace"] != sent[match["own"]][0]
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         ("threads busy in the snapshot", len(busy), len(busy) == hold and snapshot_wrong == 0),
         ("log lines of the requests", len(lines), len(lines) == 4 * args.requests),
         ("lines attributed to the wrong request", wrong, wrong == 0),
+        ("other lines (waitress's), all without ids", len(outside), unmarked == len(outside)),
         ("spans whose parent is the caller's", children, children == len(spans) == args.requests),
         ("seconds", round(elapsed, 1), elapsed < TIMEOUT),
     ]

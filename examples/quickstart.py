@@ -20,7 +20,7 @@ handler = logging.StreamHandler()
 handler.setFormatter(
     logging.Formatter("%(threadName)s trace_id=%(trace_id)s request_id=%(request_id)s %(message)s")
 )
-handler.addFilter(threadctx.ContextFilter())
+handler.addFilter(threadctx.ContextFilter(defaults={"request_id": "-"}))  # "-" outside a request
 logging.basicConfig(level=logging.INFO, handlers=[handler])
 log = logging.getLogger("app")
 

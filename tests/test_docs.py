@@ -31,6 +31,11 @@ def run_page(page: Path, directory: Path) -> subprocess.CompletedProcess[str]:
     """The page's program, as a script file (so that spawned processes can import it)."""
     script = directory / f"{page.stem}_page.py"
     script.write_text("\n\n".join(BLOCK.findall(page.read_text())))
+    return run_script(script, directory)
+
+
+def run_script(script: Path, directory: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter, in ``directory``, on the runtime context it selects itself."""
     env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}
     return subprocess.run(
         [sys.executable, str(script)],
@@ -119,3 +124,33 @@ def test_the_operations_page_prints_what_it_shows(tmp_path: Path) -> None:
         assert re.findall(r'^Thread "([^"]+)"', part, re.M) == ["worker-7", "MainThread"]
         assert re.search(r"^  started_at=\S+Z elapsed=\d+\.\d{3}s$", part, re.M)
         assert "in charge_card\n      release.wait(30)" in part
+
+
+def test_the_quick_start_logs_outside_a_request_without_a_logging_error(tmp_path: Path) -> None:
+    """Issue 11 item 13: its handler formats %(request_id)s, which lines outside a request lack."""
+    result = run_page(DOCS / "quickstart.md", tmp_path)
+    assert "Logging error" not in result.stderr
+    assert f"MainThread trace_id={'0' * 32} request_id=- started" in result.stderr.splitlines()
+
+
+def test_the_readmes_quick_start_logs_outside_a_request_without_a_logging_error(tmp_path: Path) -> None:
+    readme = (DOCS.parent / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    (code,) = BLOCK.findall(section)
+    script = tmp_path / "readme_quickstart.py"
+    script.write_text(code + '\nlogging.getLogger("some.library").warning("outside")\nhandle("req-1")\n')
+    result = run_script(script, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Logging error" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert f"MainThread trace_id={'0' * 32} request_id=- outside" in lines
+    assert any(
+        re.fullmatch(r"MainThread trace_id=[0-9a-f]{32} request_id=req-1 processing", line) for line in lines
+    )
+
+
+def test_the_presets_table_is_the_codes() -> None:
+    """docs/logging.md's backend table is what threadctx._vendors.table() makes of PRESETS."""
+    from threadctx._vendors import table
+
+    assert table() in (DOCS / "logging.md").read_text()

@@ -157,7 +157,7 @@ def test_a_tracer_provider_whose_resource_fails(capsys: pytest.CaptureFixture[st
             assert threadctx.ContextFilter("ecs").filter(record)
     finally:
         trace._TRACER_PROVIDER = saved
-    assert record.__dict__["trace.id"] == "0" * 32
+    assert (record.__dict__["service.name"], record.__dict__["request_id"]) == ("", "r-2")
     assert "RuntimeError: no resource" in capsys.readouterr().err
 
 

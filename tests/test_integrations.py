@@ -74,6 +74,7 @@ def test_structlog_processor(tracer_provider: TracerProvider) -> None:
     inside, outside = (json.loads(line) for line in out.getvalue().splitlines())
     assert (inside["trace_id"], inside["span_id"]) == hex_ids(span)
     assert inside["request_id"] == "explicit-wins"
+    assert "_threadctx" not in inside  # the record mark is for logging records only
     assert outside["trace_id"] == "0" * 32
     assert "request_id" not in outside
 
@@ -170,3 +171,31 @@ def test_json_formatter_skips_nothing_we_promise(preset: str) -> None:
         expected = filt.fields()
     line = json.loads(stream.getvalue())
     assert {key: line[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("preset", ["otel", "otel-python", "ecs", "datadog", "gcp", "newrelic"])
+def test_each_presets_json_line_inside_and_outside_a_span(
+    preset: str, tracer_provider: TracerProvider
+) -> None:
+    """python-json-logger writes exactly the preset's fields; the filter's own mark stays out."""
+    from pythonjsonlogger.json import JsonFormatter
+
+    filt = threadctx.ContextFilter(preset, project_id="p", defaults={"request_id": "-"})
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("%(message)s"))
+    handler.addFilter(filt)
+    logger = logging.getLogger(f"json-line-{preset}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    with tracer_provider.get_tracer("t").start_as_current_span("op"), threadctx.bound(request_id="r-1"):
+        logger.warning("inside")
+        inside_fields = filt.fields()
+    logger.warning("outside")
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert inside == {"message": "inside", **inside_fields}
+    assert outside == {"message": "outside", **filt.fields()}
+    assert inside["request_id"] == "r-1"
+    assert outside["request_id"] == "-"
+    names = threadctx.PRESETS[preset]
+    assert (names.trace_id in outside) == (names.without_span == "placeholders")

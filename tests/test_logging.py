@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import logging.config
 import logging.handlers
+import pickle
 import queue
 import re
 import textwrap
 import threading
-from collections.abc import Iterator
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -129,11 +133,13 @@ def test_prefix_and_reserved_names(capture: list[logging.LogRecord]) -> None:
         ("otel-python", lambda t, s, ti, si: {"otelTraceID": t, "otelSpanID": s, "otelTraceSampled": True,
                                               "otelServiceName": SERVICE}),
         ("ecs", lambda t, s, ti, si: {"trace.id": t, "span.id": s, "service.name": SERVICE}),
-        ("datadog", lambda t, s, ti, si: {"dd.trace_id": str(ti & (2**64 - 1)), "dd.span_id": str(si),
-                                          "dd.service": SERVICE}),
+        # The SDK's trace ids are random 128-bit ids: ddtrace writes those in hex.
+        ("datadog", lambda t, s, ti, si: {"dd.trace_id": t if ti >= 2**64 else str(ti), "dd.span_id": str(si),
+                                          "dd.service": SERVICE, "dd.env": "", "dd.version": ""}),
         ("gcp", lambda t, s, ti, si: {"logging.googleapis.com/trace": f"projects/proj-1/traces/{t}",
                                       "logging.googleapis.com/spanId": s,
                                       "logging.googleapis.com/trace_sampled": True}),
+        ("newrelic", lambda t, s, ti, si: {"trace.id": t, "span.id": s, "entity.name": SERVICE}),
         ("correlation", lambda t, s, ti, si: {}),
     ],
 )  # fmt: skip
@@ -143,7 +149,7 @@ def test_presets(preset: str, expected: object, tracer: trace.Tracer) -> None:
         ctx = span.get_span_context()
         fields = filt.fields()
     trace_hex, span_hex = ids_of(span)
-    assert fields == {**expected(trace_hex, span_hex, ctx.trace_id, ctx.span_id), "request_id": "r"}  # type: ignore[operator]
+    assert fields == {**expected(trace_hex, span_hex, ctx.trace_id, ctx.span_id), "request_id": "r"}
 
 
 def test_otel_python_preset_matches_logging_instrumentor_placeholders() -> None:
@@ -360,3 +366,327 @@ def test_32_threads_through_a_queue_handler(tracer: trace.Tracer) -> None:
     finally:
         listener.stop()
     check_lines(stream.getvalue(), expected)
+
+
+# --- Issue 12: logging that never loses an ID ---------------------------------------------------------
+
+TRACE_FIELD = {
+    "otel": "trace_id",
+    "otel-python": "otelTraceID",
+    "ecs": "trace.id",
+    "datadog": "dd.trace_id",
+    "gcp": "logging.googleapis.com/trace",
+    "newrelic": "trace.id",
+}
+
+
+@pytest.mark.parametrize("preset", sorted(TRACE_FIELD))
+def test_extra_with_the_presets_trace_field_keeps_every_other_field(
+    preset: str, tracer: trace.Tracer
+) -> None:
+    """A caller's trace field in extra= wins, and does not make the filter skip the correlation IDs."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(threadctx.ContextFilter(preset, project_id="p"))
+    logger = logging.getLogger(f"extra-{preset}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    with tracer.start_as_current_span("op"), threadctx.bound(request_id="r-x"):
+        logger.warning("x", extra={TRACE_FIELD[preset]: "from-extra"})
+    [record] = records
+    assert record.__dict__[TRACE_FIELD[preset]] == "from-extra"
+    assert record.request_id == "r-x"  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def ddtrace_like_factory() -> Iterator[None]:
+    """A record factory stamping dd.* the way ddtrace's log injection does (in makeRecord)."""
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        record.__dict__.update(
+            {
+                "dd.trace_id": "123",
+                "dd.span_id": "456",
+                "dd.service": "dd-svc",
+                "dd.env": "prod",
+                "dd.version": "1",
+            }
+        )
+        return record
+
+    logging.setLogRecordFactory(factory)
+    yield
+    logging.setLogRecordFactory(previous)
+
+
+@pytest.mark.usefixtures("ddtrace_like_factory")
+def test_ddtrace_stamped_records_keep_its_values_and_get_the_correlation_ids(tracer: trace.Tracer) -> None:
+    logger, stream = make_logger(
+        "dd-stamped",
+        "%(dd.trace_id)s %(dd.span_id)s %(dd.env)s %(request_id)s %(message)s",
+        threadctx.ContextFilter("datadog"),
+    )
+    with tracer.start_as_current_span("op"), threadctx.bound(request_id="r-dd"):
+        logger.info("m")
+    assert stream.getvalue() == "123 456 prod r-dd m\n"
+
+
+def test_logging_instrumentor_stamped_records_get_the_correlation_ids(
+    tracer: trace.Tracer, global_provider: TracerProvider
+) -> None:
+    from opentelemetry.instrumentation.logging import LoggingInstrumentor
+
+    logger, stream = make_logger(
+        "instrumented", "%(otelTraceID)s %(request_id)s %(message)s", threadctx.ContextFilter("otel-python")
+    )
+    instrumentor = LoggingInstrumentor()
+    instrumentor.instrument(inject_trace_context=True, tracer_provider=global_provider)
+    try:
+        with tracer.start_as_current_span("op") as span, threadctx.bound(request_id="r-li"):
+            logger.info("m")
+    finally:
+        instrumentor.uninstrument()
+    assert stream.getvalue() == f"{ids_of(span)[0]} r-li m\n"
+
+
+def test_a_listener_with_another_preset_takes_the_producers_ids_not_its_own(tracer: trace.Tracer) -> None:
+    """The queue's listener thread runs in a span of its own: its filter must still write the producer's."""
+    seen: list[dict[str, object]] = []
+    target = logging.Handler()
+    target.emit = lambda record: seen.append(dict(record.__dict__))  # type: ignore[method-assign]
+    target.addFilter(threadctx.ContextFilter("ecs", defaults={"request_id": "-"}))
+    records: queue.Queue[logging.LogRecord | None] = queue.Queue()
+    queue_handler = logging.handlers.QueueHandler(records)  # type: ignore[arg-type]
+    queue_handler.addFilter(threadctx.ContextFilter())
+    logger = logging.getLogger("queued-other-preset")
+    logger.handlers[:] = [queue_handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    def listen() -> None:
+        with tracer.start_as_current_span("listener"), threadctx.bound(request_id="listener's"):
+            while (record := records.get()) is not None:
+                target.handle(record)
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    with tracer.start_as_current_span("producer") as span, threadctx.bound(request_id="r-q"):
+        logger.info("inside")
+    logger.info("outside")
+    records.put(None)
+    listener.join(JOIN)
+    trace_id, span_id = ids_of(span)
+    inside, outside = seen
+    assert (inside["trace.id"], inside["span.id"], inside["request_id"]) == (trace_id, span_id, "r-q")
+    assert outside["request_id"] == "-"
+    assert "trace.id" not in outside  # ecs: nothing outside a span, and never the listener's span
+
+
+def test_a_pickled_record_from_another_process_keeps_its_ids(tracer: trace.Tracer) -> None:
+    """As through a multiprocessing queue or a SocketHandler: the mark survives pickling."""
+    producer = threadctx.ContextFilter()
+    record = logging.makeLogRecord({"msg": "m"})
+    with tracer.start_as_current_span("op") as span, threadctx.bound(request_id="r-p"):
+        producer.filter(record)
+    received = logging.makeLogRecord(pickle.loads(pickle.dumps(record.__dict__)))
+    received.process = -1  # another process
+    with tracer.start_as_current_span("consumer"):
+        threadctx.ContextFilter("datadog").filter(received)
+    trace_id, span_id = ids_of(span)
+    ids = span.get_span_context()
+    assert (received.trace_id, received.request_id) == (trace_id, "r-p")  # type: ignore[attr-defined]
+    assert received.__dict__["dd.trace_id"] == (trace_id if ids.trace_id >= 2**64 else str(ids.trace_id))
+    assert received.__dict__["dd.span_id"] == str(int(span_id, 16))
+
+
+def test_two_handlers_with_different_presets_each_get_their_fields(tracer: trace.Tracer) -> None:
+    """One record, two handlers: the second filter is not fooled by the first one's mark."""
+    records: list[logging.LogRecord] = []
+    first, second = logging.Handler(), logging.Handler()
+    first.emit = second.emit = records.append  # type: ignore[method-assign]
+    first.addFilter(threadctx.ContextFilter(prefix="a_"))
+    second.addFilter(threadctx.ContextFilter("ecs", prefix="b_"))
+    logger = logging.getLogger("two-presets")
+    logger.handlers[:] = [first, second]
+    logger.propagate = False
+    with tracer.start_as_current_span("op") as span, threadctx.bound(request_id="r-2"):
+        logger.warning("m")
+    record = records[0]
+    assert (record.trace_id, record.__dict__["trace.id"]) == (ids_of(span)[0], ids_of(span)[0])  # type: ignore[attr-defined]
+    assert (record.a_request_id, record.b_request_id) == ("r-2", "r-2")  # type: ignore[attr-defined]
+
+
+def test_a_foreign_mark_never_raises() -> None:
+    record = logging.makeLogRecord({"msg": "m", "_threadctx": object(), "thread": -1})
+    assert threadctx.ContextFilter(defaults={"request_id": "-"}).filter(record) is True
+    assert (record.trace_id, record.request_id) == ("0" * 32, "-")  # type: ignore[attr-defined]
+
+
+DEFAULTS_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"ctx": {"()": "threadctx.ContextFilter", "defaults": {"request_id": "-", "tenant": "none"}}},
+    "formatters": {"plain": {"format": "%(trace_id)s %(request_id)s %(tenant)s %(message)s"}},
+    "handlers": {"out": {"class": "logging.StreamHandler", "filters": ["ctx"], "formatter": "plain"}},
+    "loggers": {"defaulted": {"handlers": ["out"], "level": "INFO", "propagate": False}},
+}
+
+
+def test_defaults_from_dict_config_outside_a_request(tracer: trace.Tracer) -> None:
+    """The quick start's and the docs' format, on every supported Python (no Formatter defaults=)."""
+    stream = io.StringIO()
+    config = {
+        **DEFAULTS_CONFIG,
+        "handlers": {"out": {**DEFAULTS_CONFIG["handlers"]["out"], "stream": stream}},
+    }  # type: ignore[dict-item]
+    logging.config.dictConfig(config)
+    logger = logging.getLogger("defaulted")
+    try:
+        logger.info("start-up")
+        with tracer.start_as_current_span("op") as span, threadctx.bound(request_id="r-d"):
+            logger.info("request")
+    finally:
+        logger.handlers.clear()
+    assert stream.getvalue().splitlines() == [
+        f"{'0' * 32} - none start-up",
+        f"{ids_of(span)[0]} r-d none request",
+    ]
+
+
+def test_without_span_omits_or_writes_placeholders() -> None:
+    assert "trace.id" not in threadctx.ContextFilter("ecs").fields()
+    assert "logging.googleapis.com/trace" not in threadctx.ContextFilter("gcp", project_id="p").fields()
+    assert "trace.id" not in threadctx.ContextFilter("newrelic").fields()
+    assert threadctx.ContextFilter("ecs", without_span="placeholders").fields()["trace.id"] == "0" * 32
+    assert threadctx.ContextFilter("datadog").fields()["dd.trace_id"] == "0"
+    assert "trace_id" not in threadctx.ContextFilter(without_span="omit").fields()
+    with pytest.raises(ValueError, match="without_span must be"):
+        threadctx.ContextFilter(without_span="zeros")  # type: ignore[arg-type]
+
+
+def span_context_with(trace_id: int) -> Context:
+    ids = trace.SpanContext(
+        trace_id=trace_id, span_id=0x1234, is_remote=False, trace_flags=trace.TraceFlags(1)
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(ids))
+
+
+def test_datadog_writes_128_bit_ids_in_hex_and_64_bit_ids_in_decimal() -> None:
+    """As ddtrace >= 2.12 does: hex only when the high 64 bits are non-zero."""
+    filt = threadctx.ContextFilter("datadog")
+    wide = filt.fields(span_context_with(0x0AF7651916CD43DD8448EB211C80319C))
+    narrow = filt.fields(span_context_with(0x8448EB211C80319C))
+    assert wide["dd.trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert narrow["dd.trace_id"] == str(0x8448EB211C80319C)
+    assert wide["dd.span_id"] == narrow["dd.span_id"] == str(0x1234)
+
+
+@pytest.fixture
+def provider_with(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, str] | None], None]:
+    """Install a tracer provider with the given resource as the global one, for one test."""
+
+    def install(attributes: dict[str, str] | None) -> None:
+        provider = None if attributes is None else TracerProvider(resource=Resource.create(attributes))
+        monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+
+    return install
+
+
+def test_datadog_env_and_version_from_options_or_the_resource(
+    provider_with: Callable[[dict[str, str] | None], None],
+) -> None:
+    provider_with({"service.name": "svc", "deployment.environment.name": "prod", "service.version": "1.2"})
+    fields = threadctx.ContextFilter("datadog").fields()
+    assert (fields["dd.service"], fields["dd.env"], fields["dd.version"]) == ("svc", "prod", "1.2")
+    given = threadctx.ContextFilter("datadog", env="staging", version="2.0").fields()
+    assert (given["dd.env"], given["dd.version"]) == ("staging", "2.0")
+    provider_with({"service.name": "svc", "deployment.environment": "old-key"})
+    older = threadctx.ContextFilter("datadog").fields()
+    assert (older["dd.env"], older["dd.version"]) == ("old-key", "")
+
+
+def test_gcp_project_from_the_resource_the_environment_or_a_warning(
+    provider_with: Callable[[dict[str, str] | None], None],
+    tracer: trace.Tracer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    key = "logging.googleapis.com/trace"
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    with tracer.start_as_current_span("op") as span:
+        context = otel_context.get_current()
+    trace_hex = ids_of(span)[0]
+    provider_with({"cloud.provider": "gcp", "cloud.account.id": "from-resource"})
+    assert threadctx.ContextFilter("gcp").fields(context)[key] == f"projects/from-resource/traces/{trace_hex}"
+    provider_with({"cloud.provider": "aws", "cloud.account.id": "123456"})
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "from-env")
+    assert threadctx.ContextFilter("gcp").fields(context)[key] == f"projects/from-env/traces/{trace_hex}"
+    assert (
+        threadctx.ContextFilter("gcp", project_id="given").fields(context)[key].startswith("projects/given/")
+    )
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT")
+    nowhere = threadctx.ContextFilter("gcp")
+    assert nowhere.fields(context)[key] == trace_hex
+    assert nowhere.fields(context)[key] == trace_hex
+    assert capsys.readouterr().err.count("the gcp preset has no project") == 1
+
+
+def test_the_service_name_appears_once_the_provider_is_set(
+    provider_with: Callable[[dict[str, str] | None], None],
+) -> None:
+    """Lines logged before the provider was set must not keep an empty name in that context."""
+    logger, stream = make_logger(
+        "early", "%(otelServiceName)s|%(message)s", threadctx.ContextFilter("otel-python")
+    )
+    provider_with(None)
+    logger.info("start-up")
+    provider_with({"service.name": "late"})
+    logger.info("ready")  # the same (empty) context as the start-up line
+    assert stream.getvalue() == "|start-up\nlate|ready\n"
+
+
+def test_the_cache_keeps_no_ended_context_alive(tracer: trace.Tracer) -> None:
+    filt = threadctx.ContextFilter()
+    with tracer.start_as_current_span("ended") as span:
+        filt.filter(logging.makeLogRecord({"msg": "m"}))
+    gone = weakref.ref(span)
+    del span
+    gc.collect()
+    assert gone() is None
+
+
+def test_instrument_logging_gives_opentelemetrys_handler_correlation_ids_only(tracer: trace.Tracer) -> None:
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+
+    try:
+        from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
+    except ImportError:  # opentelemetry-sdk < 1.39
+        from opentelemetry.sdk._logs.export import InMemoryLogExporter as InMemoryLogRecordExporter
+
+    exporter = InMemoryLogRecordExporter()
+    provider = LoggerProvider()
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        handler = LoggingHandler(logger_provider=provider)
+    logger = logging.getLogger("otel-instrumented")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    threadctx.instrument_logging(defaults={"request_id": "-"})
+    try:
+        with tracer.start_as_current_span("op") as span, threadctx.bound(request_id="r-o"):
+            logger.info("exported")
+    finally:
+        threadctx.uninstrument_logging()
+        logger.handlers.clear()
+    assert handler.filters == []
+    [exported] = exporter.get_finished_logs()
+    attributes = dict(exported.log_record.attributes or {})
+    assert exported.log_record.trace_id == span.get_span_context().trace_id
+    assert attributes["request_id"] == "r-o"
+    assert not {"trace_id", "span_id", "trace_flags", "trace_sampled", "_threadctx"} & set(attributes)

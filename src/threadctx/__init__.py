@@ -41,7 +41,7 @@ from threadctx._storage import (
 
 if TYPE_CHECKING:
     from threadctx._dump import dump, install_dump_signal
-    from threadctx._filter import PRESETS, ContextFilter, FieldNames, instrument_logging, uninstrument_logging
+    from threadctx._filter import ContextFilter, instrument_logging, uninstrument_logging
     from threadctx._integrations import loguru_patcher, structlog_processor
     from threadctx._metrics import instrument_metrics
     from threadctx._processes import ContextProcessPoolExecutor, wrap_process
@@ -62,15 +62,16 @@ if TYPE_CHECKING:
         uninstrument_threading,
         wrap,
     )
+    from threadctx._vendors import PRESETS, FieldNames
     from threadctx._watchdog import Watchdog, start_watchdog
 
 # Names whose modules import opentelemetry.trace: loaded on first use.
 _LAZY = {
     "dump": "threadctx._dump",
     "install_dump_signal": "threadctx._dump",
-    "PRESETS": "threadctx._filter",
+    "PRESETS": "threadctx._vendors",
     "ContextFilter": "threadctx._filter",
-    "FieldNames": "threadctx._filter",
+    "FieldNames": "threadctx._vendors",
     "instrument_logging": "threadctx._filter",
     "uninstrument_logging": "threadctx._filter",
     "loguru_patcher": "threadctx._integrations",
