@@ -123,7 +123,8 @@ def test_a_stuck_span_is_reported_once_with_the_stuck_threads_ids(
     )
     # ...with the stuck thread's IDs as attributes, and in its context (what the filter stamped).
     assert (record.trace_id, record.span_id, record.tenant) == (trace_id, span_id, "acme")  # type: ignore[attr-defined]
-    assert record.__dict__["dd.trace_id"] == str(first.span_context.trace_id & (2**64 - 1))
+    trace_int = first.span_context.trace_id  # Datadog: hex for a 128-bit id, decimal for a 64-bit one
+    assert record.__dict__["dd.trace_id"] == (f"{trace_int:032x}" if trace_int >> 64 else str(trace_int))
     assert isinstance(record.thread, int), "a correlation ID never overwrites the record's own attributes"
     message = record.getMessage()
     assert message.startswith(f'thread "pool_0" (ident={first.thread.ident}) has served its span for ')
