@@ -9,6 +9,7 @@ ROOT_URLCONF = "django_project.urls"
 INSTALLED_APPS: list[str] = []
 DATABASES: dict[str, object] = {}
 USE_TZ = True
+TIME_ZONE = "UTC"  # Django's default, America/Chicago, would also set the worker process's TZ
 
 MIDDLEWARE = [
     # DjangoInstrumentor().instrument() puts OpenTelemetry's middleware before this one:
