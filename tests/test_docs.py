@@ -65,6 +65,12 @@ def test_a_framework_page_logs_outside_a_request_without_a_logging_error(page: s
     assert "MainThread request_id=- starting" in result.stdout.splitlines()
 
 
+def test_the_pitfalls_loguru_default_leaves_a_bound_id_alone(tmp_path: Path) -> None:
+    result = run_page(DOCS / "pitfalls.md", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["- starting", "r-1 serving"]
+
+
 def test_no_page_has_code_that_is_not_run() -> None:
     """Python code is in ```python blocks (run), never in blocks the tests would skip."""
     for page in PAGES:
