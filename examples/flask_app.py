@@ -34,7 +34,10 @@ LOGGING = {
     "filters": {"context": {"()": "threadctx.ContextFilter"}},
     "formatters": {
         "service": {
-            "format": "trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(message)s",
+            # "()" passes `defaults` on Python 3.10 and 3.11 too: "-" outside a request.
+            "()": "logging.Formatter",
+            "fmt": "trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(message)s",
+            "defaults": {"request_id": "-"},
         }
     },
     "handlers": {

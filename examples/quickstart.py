@@ -15,10 +15,14 @@ import threadctx
 trace.set_tracer_provider(TracerProvider())
 tracer = trace.get_tracer("quickstart")
 
-# 2. The filter goes on the handler.
+# 2. The filter goes on the handler (a logger's filters miss its child loggers' records).
 handler = logging.StreamHandler()
+# A line logged outside a request has no request_id: `defaults` gives it "-".
 handler.setFormatter(
-    logging.Formatter("%(threadName)s trace_id=%(trace_id)s request_id=%(request_id)s %(message)s")
+    logging.Formatter(
+        "%(threadName)s trace_id=%(trace_id)s request_id=%(request_id)s %(message)s",
+        defaults={"request_id": "-"},
+    )
 )
 handler.addFilter(threadctx.ContextFilter(defaults={"request_id": "-"}))  # "-" outside a request
 logging.basicConfig(level=logging.INFO, handlers=[handler])
@@ -26,13 +30,14 @@ log = logging.getLogger("app")
 
 
 def handle(request_id: str) -> None:
-    # 3. Each request: a span and its correlation IDs.
+    # 3. Each request: a span and its correlation IDs, restored on exit.
     with tracer.start_as_current_span("handle"), threadctx.bound(request_id=request_id):
         log.info("processing")
 
 
-threads = [threading.Thread(target=handle, args=(f"req-{i}",), name=f"worker-{i}") for i in range(2)]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join()
+log.info("starting")  # MainThread trace_id=000...000 request_id=- starting
+workers = [threading.Thread(target=handle, args=(f"req-{i}",), name=f"worker-{i}") for i in range(2)]
+for worker in workers:
+    worker.start()
+for worker in workers:
+    worker.join()

@@ -58,6 +58,22 @@ def test_pages_are_found() -> None:
 def test_the_python_blocks_of_a_page_run(page: Path, tmp_path: Path) -> None:
     result = run_page(page, tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "--- Logging error ---" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("page", ["fastapi", "flask", "django"])
+def test_a_framework_page_logs_outside_a_request_without_a_logging_error(page: str, tmp_path: Path) -> None:
+    """A line at start-up has no request_id bound: the page's formatter gives it "-"."""
+    result = run_page(DOCS / f"{page}.md", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--- Logging error ---" not in result.stderr, result.stderr
+    assert "MainThread request_id=- starting" in result.stdout.splitlines()
+
+
+def test_the_pitfalls_loguru_default_leaves_a_bound_id_alone(tmp_path: Path) -> None:
+    result = run_page(DOCS / "pitfalls.md", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["- starting", "r-1 serving"]
 
 
 def test_no_page_has_code_that_is_not_run() -> None:

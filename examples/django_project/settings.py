@@ -9,6 +9,7 @@ ROOT_URLCONF = "django_project.urls"
 INSTALLED_APPS: list[str] = []
 DATABASES: dict[str, object] = {}
 USE_TZ = True
+TIME_ZONE = "UTC"  # Django's default, America/Chicago, would also set the worker process's TZ
 
 MIDDLEWARE = [
     # DjangoInstrumentor().instrument() puts OpenTelemetry's middleware before this one:
@@ -21,7 +22,12 @@ LOGGING = {
     "disable_existing_loggers": False,
     "filters": {"context": {"()": "threadctx.ContextFilter"}},
     "formatters": {
-        "service": {"format": "trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(message)s"},
+        "service": {
+            # "()" passes `defaults` on Python 3.10 and 3.11 too: "-" outside a request.
+            "()": "logging.Formatter",
+            "fmt": "trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(message)s",
+            "defaults": {"request_id": "-"},
+        },
     },
     "handlers": {
         "service": {
