@@ -17,14 +17,11 @@ tracer = trace.get_tracer("quickstart")
 
 # 2. The filter goes on the handler (a logger's filters miss its child loggers' records).
 handler = logging.StreamHandler()
-# A line logged outside a request has no request_id: `defaults` gives it "-".
 handler.setFormatter(
-    logging.Formatter(
-        "%(threadName)s trace_id=%(trace_id)s request_id=%(request_id)s %(message)s",
-        defaults={"request_id": "-"},
-    )
+    logging.Formatter("%(threadName)s trace_id=%(trace_id)s request_id=%(request_id)s %(message)s")
 )
-handler.addFilter(threadctx.ContextFilter(defaults={"request_id": "-"}))  # "-" outside a request
+# A line logged outside a request has no request_id bound: `defaults` gives it "-".
+handler.addFilter(threadctx.ContextFilter(defaults={"request_id": "-"}))
 logging.basicConfig(level=logging.INFO, handlers=[handler])
 log = logging.getLogger("app")
 
