@@ -16,6 +16,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import IO, Any
 
+from opentelemetry.context import Context
+
+from threadctx._carry import run_in
 from threadctx._filter import _printable
 from threadctx._storage import (
     ThreadSnapshot,
@@ -285,7 +288,11 @@ class _LogThread:
         self.start()
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name=_DUMP_THREAD_NAME, daemon=True)
+        # In an empty context: it serves no request, also where its starter's context would be
+        # inherited (Python 3.14's thread_inherit_context, instrument_threading()).
+        self.thread = threading.Thread(
+            target=run_in, args=(Context(), self.run), name=_DUMP_THREAD_NAME, daemon=True
+        )
         self.thread.start()
 
     def run(self) -> None:

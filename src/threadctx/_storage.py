@@ -362,7 +362,7 @@ def known_threads() -> dict[int, threading.Thread]:
 
 
 def snapshot() -> list[ThreadSnapshot]:
-    """Describe every live thread that holds a context or storage.
+    """Describe every live thread that holds a non-empty context or storage, and the calling thread.
 
     Safe to call from any thread at any time, also while threads start and
     stop, and from a signal handler; it takes no lock and never raises for a
@@ -381,9 +381,15 @@ def snapshot() -> list[ThreadSnapshot]:
     me = threading.get_ident()
     result = []
     for live in live_states().values():
-        context = otel_context.get_current() if live.ident == me else live.context
-        if context is None and live.storage is None:
-            continue
+        context: Context | None
+        if live.ident == me:
+            context = otel_context.get_current()
+        else:
+            context = live.context
+            # No context, or an empty one (a thread that inherited or restored an empty
+            # context, under Python 3.14's thread_inherit_context too): nothing to show.
+            if not context and live.storage is None:
+                continue
         thread = threads.get(live.ident)
         name = thread.name if thread is not None else f"<thread {live.ident}>"
         result.append(_describe(live, context, name))

@@ -20,7 +20,9 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
+from threadctx._carry import run_in
 from threadctx._dump import _stack, current_frames, describe_span
 from threadctx._filter import _RESERVED, _printable
 from threadctx._storage import ThreadSnapshot, _warn_if_foreign_runtime, snapshot
@@ -92,7 +94,10 @@ class Watchdog:
     def _start(self) -> None:
         """Start the thread (also in a forked child, whose copy of the old one's lock may be held)."""
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=_THREAD_NAME, daemon=True)
+        # In an empty context, whatever its starter's (see _dump._LogThread.start).
+        self._thread = threading.Thread(
+            target=run_in, args=(Context(), self._run), name=_THREAD_NAME, daemon=True
+        )
         _running.append(self)
         self._thread.start()
 
