@@ -195,6 +195,37 @@ def test_django_streaming_content_is_produced_in_the_requests_context() -> None:
     response.close()
 
 
+def test_django_file_response_still_reaches_the_servers_file_wrapper(tmp_path: Path) -> None:
+    """A FileResponse keeps ``file_to_stream``, which Django's WSGI handler gives to ``wsgi.file_wrapper``.
+
+    The middleware used to replace its ``streaming_content`` like any streaming response's, and
+    that setter drops ``file_to_stream``: the file no longer reached the server's ``sendfile()``.
+    """
+    pytest.importorskip("django")
+    from django.conf import settings
+    from django.http import FileResponse
+
+    from threadctx.django import ContextMiddleware
+
+    if not settings.configured:
+        settings.configure(DEFAULT_CHARSET="utf-8")
+    path = tmp_path / "report.bin"
+    path.write_bytes(b"x" * 10_000)
+    with path.open("rb") as file:
+        response = ContextMiddleware(lambda request: FileResponse(file))(_django_request("r-file"))
+        assert response.file_to_stream is file
+        assert response["X-Request-ID"] == "r-file"
+        assert b"".join(response) == b"x" * 10_000
+
+
+def _django_request(request_id: str) -> Any:
+    from django.http import HttpRequest
+
+    request = HttpRequest()
+    request.META["HTTP_X_REQUEST_ID"] = request_id
+    return request
+
+
 def test_django_middleware_before_opentelemetrys_warns_when_loaded() -> None:
     pytest.importorskip("django")
     from django.conf import settings
