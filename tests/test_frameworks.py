@@ -171,6 +171,42 @@ def test_flask_init_app_beside_the_instrumentor_in_either_order(
     assert seen == [(span.context.span_id, {"request_id": f"r-{index}"}) for index, span in enumerate(spans)]
 
 
+@pytest.mark.parametrize("with_context", [False, True], ids=["generator", "stream_with_context"])
+def test_flask_streamed_body_is_produced_in_the_requests_context(with_context: bool) -> None:
+    """Each step of a streamed response runs with the request id; nothing is left attached after.
+
+    Flask pops the request context (and init_app's hooks detach) before the server iterates a
+    plain generator, which used to run with no request id; ``stream_with_context`` keeps the
+    request context until the last step, and must not be bound a second time (that would leave
+    the request's context attached to the worker thread).
+    """
+    flask = pytest.importorskip("flask")
+
+    import threadctx
+    from threadctx.flask import init_app
+
+    app = flask.Flask("streaming")
+    init_app(app)
+    seen: list[dict[str, str]] = []
+
+    @app.get("/stream")
+    def stream() -> Any:
+        def steps() -> Any:
+            for step in ("one", "two"):
+                seen.append(dict(threadctx.correlation()))
+                yield step.encode()
+
+        return flask.Response(flask.stream_with_context(steps()) if with_context else steps())
+
+    client = app.test_client()
+    for request_id in ("r-s1", "r-s2"):
+        response = client.get("/stream", headers={"X-Request-ID": request_id})
+        assert response.data == b"onetwo"
+        assert response.headers["X-Request-ID"] == request_id
+        assert threadctx.correlation() == {}, "nothing is left attached after the response"
+    assert seen == [{"request_id": "r-s1"}] * 2 + [{"request_id": "r-s2"}] * 2
+
+
 def test_django_streaming_content_is_produced_in_the_requests_context() -> None:
     pytest.importorskip("django")
     from django.conf import settings
