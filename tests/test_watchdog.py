@@ -273,6 +273,35 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_a_threshold_of_years_keeps_it_watching() -> None:
+    """An interval beyond what Event.wait accepts (threading.TIMEOUT_MAX) waits in steps.
+
+    The watchdog thread used to die at its first wait with an OverflowError, silently for the
+    caller of start_watchdog().
+    """
+    result = run_python(
+        """
+        import sys, threading, time
+        import threadctx
+
+        watchdog = threadctx.start_watchdog(threshold=1e12)  # the interval: a quarter of it
+        thread = watchdog._thread
+        deadline = time.monotonic() + 60
+        # Until its first wait has begun (or it died): the innermost frame is in threading's Condition.
+        while thread.is_alive() and time.monotonic() < deadline:
+            frame = sys._current_frames().get(thread.ident)
+            if frame is not None and frame.f_code.co_name == "wait":
+                break
+            time.sleep(0.001)
+        print(watchdog.running, flush=True)
+        watchdog.stop()
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout == "True\n"
+
+
 def test_it_stops_cleanly_at_interpreter_exit() -> None:
     """The exit stops it (an atexit handler registered earlier runs later and sees it stopped)."""
     result = run_python(

@@ -100,7 +100,8 @@ class Watchdog:
         me = threading.get_ident()
         _own_threads.add(me)
         try:
-            while not self._stopping.wait(self.interval):
+            # Event.wait refuses more than TIMEOUT_MAX (some 292 years): a longer interval never ends anyway.
+            while not self._stopping.wait(min(self.interval, threading.TIMEOUT_MAX)):
                 try:
                     self._check()
                 except Exception as error:  # a bug must not end the watching: say so once
