@@ -34,6 +34,10 @@ def state() -> State:
 
 @pytest.fixture(autouse=True)
 def _uninstrumented() -> Iterator[None]:
+    # OpenTelemetry's unwrap leaves a stale wrapper as Timer's own start (Timer inherits start):
+    # each test starts without it, as in a fresh process, whatever ran before.
+    if "start" in vars(threading.Timer):
+        del threading.Timer.start
     yield
     if "opentelemetry.instrumentation.threading" in sys.modules:
         from opentelemetry.instrumentation.threading import ThreadingInstrumentor
@@ -258,6 +262,33 @@ def test_helper_threads_that_serve_many_callers_start_clean(caller: State) -> No
         "ThreadPool worker, first request": (None, {}),
         "ThreadPool worker, second request": (None, {}),
     }, "no helper thread shows the request that created it"
+
+
+@pytest.mark.parametrize("order", ["threadctx first", "OpenTelemetry first"])
+def test_helper_threads_start_clean_beside_opentelemetrys_instrumentor(caller: State, order: str) -> None:
+    """Both instrumentors on, in either order: the helper threads still start clean.
+
+    OpenTelemetry's wrapper of ``Thread.run`` attached the context it noted at ``start()``
+    inside threadctx's clean one: a pool worker created by the first request kept its IDs for
+    good, and the next request's ThreadPool task ran with them (issue 11, item 7).
+    """
+    threading_instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.threading",
+        reason="opentelemetry-instrumentation-threading is not installed",
+    )
+    instrumentor = threading_instrumentation.ThreadingInstrumentor()
+    steps = [threadctx.instrument_threading, instrumentor.instrument]
+    for step in steps if order == "threadctx first" else steps[::-1]:
+        step()
+    seen_by_initializer: list[State] = []
+    with ThreadPoolExecutor(max_workers=1, initializer=lambda: seen_by_initializer.append(state())) as pool:
+        assert pool.submit(state).result(JOIN) == caller
+    assert seen_by_initializer == [(None, {})], "the worker itself starts clean"
+    assert in_thread("thread") == caller, "a plain thread still runs in its creator's context"
+    assert _helper_thread_states() == {
+        "ThreadPool worker, first request": (None, {}),
+        "ThreadPool worker, second request": (None, {}),
+    }
 
 
 CALLS = ["threadctx on", "threadctx off", "OpenTelemetry on", "OpenTelemetry off"]

@@ -134,15 +134,26 @@ def _is_proxy(value: object) -> bool:
     return isinstance(value, kinds)
 
 
+def _is_inherited(owner: type, name: str, node: object) -> bool:
+    """Whether ``node`` is a base class's own attribute ``name``.
+
+    OpenTelemetry's proxy of ``Timer.start`` wraps ``Thread.start``'s proxy
+    itself (Timer inherits ``start``): below that point the chain is
+    ``Thread``'s, and belongs to ``Thread``'s patch.
+    """
+    return any(base.__dict__.get(name, _MISSING) is node for base in owner.__mro__[1:])
+
+
 def _install(owner: type, name: str, patch: Any) -> None:
     holder, node = None, owner.__dict__.get(name, _MISSING)
-    while _is_proxy(node):
+    while _is_proxy(node) and not (holder is not None and _is_inherited(owner, name, node)):
         if node.__wrapped__ is patch:
             return  # already in place beneath another instrumentor's proxy
         holder, node = node, node.__wrapped__
     if node is patch:
         return
-    _originals[owner, name] = node
+    # An inherited attribute is looked up where it is at each call, as when the class has none.
+    _originals[owner, name] = _MISSING if holder is not None and _is_inherited(owner, name, node) else node
     if holder is None:
         setattr(owner, name, patch)
     else:
@@ -159,7 +170,7 @@ def _uninstall(owner: type, name: str, patch: Any) -> None:
             setattr(owner, name, original)
         return
     node = top
-    while _is_proxy(node):
+    while _is_proxy(node) and not (node is not top and _is_inherited(owner, name, node)):
         if node.__wrapped__ is patch:
             node.__wrapped__ = _inherited(owner, name) if original is _MISSING else original
             return
@@ -233,6 +244,11 @@ def _patched_start(owner: type[threading.Thread]) -> Callable[[threading.Thread]
             original()
             return
         context = otel_context.Context() if _serves_many(self) else otel_context.get_current()
+        if "_otel_context" in vars(self):
+            # OpenTelemetry's ThreadingInstrumentor (whose start wrapper is outside this one) noted
+            # the caller's context for its Thread.run wrapper to attach inside ours: a helper thread
+            # would get the request that created it after all. Both carry the one context chosen here.
+            self.__dict__["_otel_context"] = context
         wrapper = _RunInContext(self, context)
         self.__dict__["run"] = wrapper
         try:
