@@ -250,6 +250,24 @@ def test_dump_escapes_correlation_values_so_none_forges_a_thread(busy_threads: N
     assert escaped in block(report, "MainThread")
 
 
+def test_dump_escapes_file_names_so_none_forges_a_thread() -> None:
+    """Code compiled under a name with a line feed (a template, say) stays on its stack line."""
+    started, release = threading.Event(), threading.Event()
+    namespace: dict[str, object] = {"started": started, "release": release, "JOIN": JOIN}
+    source = "def wait_here():\n    started.set()\n    release.wait(JOIN)\n"
+    exec(compile(source, 'tpl\nThread "forged" ident=1', "exec"), namespace)
+    thread = threading.Thread(target=namespace["wait_here"], name="templated")  # type: ignore[arg-type]
+    thread.start()
+    try:
+        assert started.wait(JOIN)
+        report = threadctx.dump()
+    finally:
+        release.set()
+        thread.join(JOIN)
+    assert not re.search(r'^Thread "forged"', report, re.M)
+    assert 'File "tpl\\nThread "forged" ident=1", line 3, in wait_here' in block(report, "templated")
+
+
 @needs_sigusr1
 def test_install_dump_signal_again_replaces_it_one_thread_one_fork_hook() -> None:
     """Three installs with a logger: one dump thread, in the process and in a forked child; none listed."""

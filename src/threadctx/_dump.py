@@ -48,7 +48,8 @@ def _stack(frame: FrameType | None, limit: int, source: bool) -> list[str]:
     summary = traceback.StackSummary.extract(traceback.walk_stack(frame), limit=limit, lookup_lines=source)
     lines = []
     for entry in reversed(summary):
-        lines.append(f'    File "{entry.filename}", line {entry.lineno}, in {_printable(entry.name)}')
+        filename, name = _printable(entry.filename), _printable(entry.name)
+        lines.append(f'    File "{filename}", line {entry.lineno}, in {name}')
         if source and entry.line:
             lines.append(f"      {_printable(entry.line)}")
     return lines
