@@ -7,6 +7,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
@@ -179,9 +180,8 @@ def test_a_thread_started_twice_raises_as_usual() -> None:
     assert "run" not in vars(thread), "the wrapper does not stay on the thread"
 
 
-@pytest.mark.parametrize("order", ["threadctx first", "OpenTelemetry first"])
-def test_beside_opentelemetrys_threading_instrumentor(caller: State, order: str) -> None:
-    """Both on: the same context arrives; both off, in either order: everything is restored."""
+def both_instrumented(order: str) -> Any:
+    """Switch on threadctx's and OpenTelemetry's instrumentation in ``order``; return OpenTelemetry's."""
     threading_instrumentation = pytest.importorskip(
         "opentelemetry.instrumentation.threading",
         reason="opentelemetry-instrumentation-threading is not installed",
@@ -190,6 +190,13 @@ def test_beside_opentelemetrys_threading_instrumentor(caller: State, order: str)
     steps = [threadctx.instrument_threading, instrumentor.instrument]
     for step in steps if order == "threadctx first" else steps[::-1]:
         step()
+    return instrumentor
+
+
+@pytest.mark.parametrize("order", ["threadctx first", "OpenTelemetry first"])
+def test_beside_opentelemetrys_threading_instrumentor(caller: State, order: str) -> None:
+    """Both on: the same context arrives; both off, in either order: everything is restored."""
+    instrumentor = both_instrumented(order)
     for runner in RUNNERS.values():
         assert runner() == caller
     threadctx.uninstrument_threading()
@@ -272,14 +279,7 @@ def test_helper_threads_start_clean_beside_opentelemetrys_instrumentor(caller: S
     inside threadctx's clean one: a pool worker created by the first request kept its IDs for
     good, and the next request's ThreadPool task ran with them (issue 11, item 7).
     """
-    threading_instrumentation = pytest.importorskip(
-        "opentelemetry.instrumentation.threading",
-        reason="opentelemetry-instrumentation-threading is not installed",
-    )
-    instrumentor = threading_instrumentation.ThreadingInstrumentor()
-    steps = [threadctx.instrument_threading, instrumentor.instrument]
-    for step in steps if order == "threadctx first" else steps[::-1]:
-        step()
+    both_instrumented(order)
     seen_by_initializer: list[State] = []
     with ThreadPoolExecutor(max_workers=1, initializer=lambda: seen_by_initializer.append(state())) as pool:
         assert pool.submit(state).result(JOIN) == caller
