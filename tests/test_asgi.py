@@ -164,6 +164,18 @@ def test_a_websocket_gets_the_request_id_when_accepted() -> None:
     assert message["text"] == "ws-1"
 
 
+def test_a_websocket_refused_with_an_http_response_gets_the_request_id() -> None:
+    """The ASGI "websocket denial response" extension: the refusal is the response that has headers."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "websocket.http.response.start", "status": 403, "headers": []})
+        await send({"type": "websocket.http.response.body", "body": b"no"})
+
+    scope = http_scope(("X-Request-ID", "ws-2")) | {"type": "websocket"}
+    start, _ = call(ContextMiddleware(app), scope)
+    assert start["headers"] == [(b"x-request-id", b"ws-2")]
+
+
 def test_the_context_is_restored_when_the_app_raises() -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         raise KeyError("handler failed")
