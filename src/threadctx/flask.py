@@ -23,7 +23,7 @@ request), keep its span and bind the request id under it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flask
@@ -31,7 +31,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from threadctx._requests import RequestPolicy, new_request_id
-from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
+from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter, _Body
 
 __all__ = ["init_app"]
 
@@ -127,7 +127,7 @@ def init_app(
     app.teardown_request(unbind)
 
 
-class _Streamed:
+class _Streamed(_Body):
     """A streamed response body, produced (and closed) in the request's context.
 
     Only where the request's own binding is gone (``unbind`` ran when Flask
@@ -136,32 +136,11 @@ class _Streamed:
     which a second attach around it would undo.
     """
 
-    __slots__ = ("_context", "_environ", "_iterable")
+    __slots__ = ("_environ",)
 
     def __init__(self, iterable: Iterable[bytes], context: Context, environ: dict[str, Any]) -> None:
-        self._iterable = iterable
-        self._context = context
+        super().__init__(iterable, context)
         self._environ = environ
 
     def _step(self, fn: Callable[[], Any]) -> Any:
-        if _TOKEN in self._environ:
-            return fn()
-        token = otel_context.attach(self._context)
-        try:
-            return fn()
-        finally:
-            otel_context.detach(token)
-
-    def __iter__(self) -> Iterator[bytes]:
-        iterator: Iterator[bytes] = self._step(lambda: iter(self._iterable))
-        while True:
-            try:
-                chunk: bytes = self._step(lambda: next(iterator))
-            except StopIteration:
-                return
-            yield chunk
-
-    def close(self) -> None:
-        close: Callable[[], Any] | None = getattr(self._iterable, "close", None)
-        if close is not None:
-            self._step(close)
+        return fn() if _TOKEN in self._environ else super()._step(fn)
