@@ -291,6 +291,32 @@ def test_helper_threads_start_clean_beside_opentelemetrys_instrumentor(caller: S
     }
 
 
+def test_a_logging_queue_listener_started_in_a_request_starts_clean(caller: State) -> None:
+    """A QueueListener's thread handles every thread's records: it must not keep its starter's request.
+
+    It did: its handlers (and what they call: an exporter, an HTTP client's spans) ran in the first
+    request's context for good, and a filter there stamped that request on every later record.
+    """
+    import logging.handlers
+    import queue
+
+    threadctx.instrument_threading()
+    seen: list[State] = []
+
+    class Recording(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(state())
+
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, Recording())
+    listener.start()  # inside the request of the caller fixture
+    try:
+        records.put(logging.makeLogRecord({"msg": "from another request"}))
+    finally:
+        listener.stop()
+    assert seen == [(None, {})]
+
+
 CALLS = ["threadctx on", "threadctx off", "OpenTelemetry on", "OpenTelemetry off"]
 
 

@@ -183,7 +183,8 @@ def _serves_many(thread: threading.Thread) -> bool:
     """Whether ``thread`` is one of the standard library's long-lived helper threads.
 
     They serve many callers (pool workers, a pool's task and result
-    handlers, a queue's feeder, a process pool's manager), so they start
+    handlers, a queue's feeder, a process pool's manager, a logging queue's
+    listener), so they start
     with an empty context rather than the context of whichever caller
     happened to create them.  Only modules already imported are looked at:
     a thread cannot target a function that was never loaded.
@@ -202,6 +203,9 @@ def _serves_many(thread: threading.Thread) -> bool:
     queues = sys.modules.get("multiprocessing.queues")
     if queues is not None and target is queues.Queue._feed:
         return True
+    handlers = sys.modules.get("logging.handlers")
+    if handlers is not None and getattr(target, "__func__", None) is handlers.QueueListener._monitor:
+        return True  # it handles every thread's records
     process = sys.modules.get("concurrent.futures.process")
     manager = getattr(process, "_ExecutorManagerThread", None)
     return manager is not None and isinstance(thread, manager)
@@ -287,8 +291,9 @@ def instrument_threading() -> None:
     The standard library's long-lived helper threads, which serve many
     callers, start with an empty context instead: ``ThreadPoolExecutor``
     workers, ``multiprocessing.pool.ThreadPool`` workers and every ``Pool``'s
-    handler threads, a ``multiprocessing.Queue``'s feeder thread and
-    ``ProcessPoolExecutor``'s manager thread.
+    handler threads, a ``multiprocessing.Queue``'s feeder thread,
+    ``ProcessPoolExecutor``'s manager thread and a ``logging``
+    ``QueueListener``'s thread.
 
     Idempotent, and undone by :func:`uninstrument_threading`.  Beside
     OpenTelemetry's ``ThreadingInstrumentor`` both carry the same context
