@@ -213,7 +213,11 @@ def bound(**ids: str) -> _Bound:
     iterates it keeps its own IDs between steps.
 
     On exit exactly the previous correlation IDs are restored, also when the
-    block raises.  The IDs are validated here, when ``bound`` is called.
+    block raises.  The IDs are validated here, when ``bound`` is called.  One
+    ``bound()`` object may be used by many threads and tasks at once; each
+    block is left in the thread or task that entered it (leaving it elsewhere,
+    say across a ``yield`` of a generator resumed by another thread, is a
+    ``RuntimeError``).
 
     Raises:
         TypeError, ValueError: an ID is invalid (see :func:`validate`).
