@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -224,11 +225,15 @@ def test_an_object_whose_call_is_a_coroutine_or_generator_runs_in_the_context(de
     object was created, and the body ran without them.
     """
 
-    async def consume() -> tuple[dict[str, str], list[dict[str, str]]]:
-        return await decorate(AsyncCall())(), [item async for item in decorate(AsyncGeneratorCall())()]
+    async def consume() -> tuple[dict[str, str], dict[str, str], list[dict[str, str]]]:
+        return (
+            await decorate(AsyncCall())(),
+            await decorate(functools.partial(AsyncCall()))(),
+            [item async for item in decorate(AsyncGeneratorCall())()],
+        )
 
-    awaited, iterated = asyncio.run(consume())
-    assert awaited == {"job": "j-1"}
+    awaited, through_partial, iterated = asyncio.run(consume())
+    assert awaited == through_partial == {"job": "j-1"}
     assert iterated == [{"job": "j-1"}]
     assert list(decorate(GeneratorCall())()) == [{"job": "j-1"}]
     assert ids() == {}

@@ -70,10 +70,13 @@ def _drive(generator: Generator[Any, Any, Any], context: Context) -> Generator[A
 def _kind(fn: Callable[..., Any]) -> Callable[..., Any]:
     """What tells whether calling ``fn`` starts a coroutine or a generator.
 
-    That is ``fn`` itself, or for an instance of a class with ``__call__``
-    (``async def __call__``: a FastAPI dependency class, for one) that method.
+    That is ``fn`` itself (through any ``functools.partial``), or for an
+    instance of a class with ``__call__`` (``async def __call__``: a FastAPI
+    dependency class, for one) that method.
     """
-    if inspect.isroutine(fn) or isinstance(fn, (type, functools.partial)):
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.isroutine(fn) or isinstance(fn, type):
         return fn
     return getattr(type(fn), "__call__", fn)  # noqa: B004 - the method itself is what we inspect
 
