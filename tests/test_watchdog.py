@@ -134,6 +134,33 @@ def test_a_stuck_span_is_reported_once_with_the_stuck_threads_ids(
     assert "in run\n      self.release.wait(JOIN)" in message, "the stuck thread's innermost frames"
 
 
+def test_a_record_factory_that_sets_trace_id_keeps_it_and_the_warning_comes(
+    tracer_provider: TracerProvider, records: Records
+) -> None:
+    """A LogRecord factory that stamps ``trace_id`` itself: its value stays, and the warning comes.
+
+    Logging refuses an ``extra=`` that would overwrite it (KeyError): the warning was lost for good.
+    """
+    default = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = default(*args, **kwargs)
+        record.trace_id = "from-factory"
+        return record
+
+    logging.setLogRecordFactory(factory)
+    stuck = Stuck("pool_0", in_span(tracer_provider, "charge card", request_id="r-1"))
+    try:
+        with threadctx.start_watchdog(threshold=THRESHOLD, interval=INTERVAL, logger="test.watchdog"):
+            (record,) = records.wait_for(lambda records: len(records) >= 1)
+    finally:
+        stuck.stop()
+        logging.setLogRecordFactory(default)
+    assert record.trace_id == "from-factory", "what another tool put on the record stays"  # type: ignore[attr-defined]
+    assert record.request_id == "r-1"  # type: ignore[attr-defined]
+    assert 'thread "pool_0"' in record.getMessage()
+
+
 def test_a_span_without_a_start_time_is_aged_from_when_the_watchdog_first_saw_it(records: Records) -> None:
     """A caller's span carried in (or one not sampled) has no start time: age counts from the first look."""
     carried = trace.SpanContext(
