@@ -306,6 +306,48 @@ def test_install_dump_signal_again_replaces_it_one_thread_one_fork_hook() -> Non
     assert child == "child 1"
 
 
+@needs_sigusr1
+def test_a_report_that_fails_to_log_does_not_end_the_logging_thread() -> None:
+    """A filter that raises on the first report: it is said on stderr, and the next report comes.
+
+    The exception used to end threadctx's logging thread: later reports piled up in its queue,
+    never logged.
+    """
+    code = textwrap.dedent(
+        """
+        import logging, signal, threading
+        import threadctx
+
+        logged = threading.Event()
+        calls = []
+
+        def flaky(record):
+            calls.append(record)
+            if len(calls) == 1:
+                raise RuntimeError("filter bug")
+            return True
+
+        class Done(logging.Handler):
+            def emit(self, record):
+                logged.set()
+
+        logger = logging.getLogger("dumps")
+        logger.addFilter(flaky)
+        logger.addHandler(Done())
+        threadctx.install_dump_signal(signal.SIGUSR1, logger="dumps")
+        signal.raise_signal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGUSR1)
+        print(logged.wait(30), len(calls), flush=True)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "True 2\n"
+    assert "RuntimeError: filter bug" in result.stderr
+
+
 def test_snapshot_dump_and_signal_warn_once_on_another_runtime_context(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -292,7 +292,11 @@ class _LogThread:
     def run(self) -> None:
         while True:
             logger, report = self.reports.get()
-            logger.warning("%s", report)
+            try:
+                logger.warning("%s", report)
+            except Exception:  # a filter's bug must not end the thread: later reports still come
+                with contextlib.suppress(Exception):
+                    traceback.print_exc()  # on stderr, as logging's own handleError does
 
 
 _log_thread: _LogThread | None = None
