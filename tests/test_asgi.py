@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.propagate import get_global_textmap, set_global_textmap
+from opentelemetry.propagators.textmap import TextMapPropagator, default_getter, default_setter
 
 import threadctx
 from _servers import (
@@ -86,6 +88,49 @@ def test_an_invalid_or_missing_request_id_is_replaced_and_counted() -> None:
     assert re.fullmatch(rb"[0-9a-f]{32}", dict(start["headers"])[b"x-request-id"])
 
 
+class MixedCaseHeaderPropagator(TextMapPropagator):
+    """A propagator whose header name is not lowercase, as AWS X-Ray's ``X-Amzn-Trace-Id``."""
+
+    HEADER = "X-Trace-Header"
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = default_getter) -> Any:
+        values = getter.get(carrier, self.HEADER)
+        if not values:
+            return context
+        trace_id, span_id = values[0].split("-")
+        span = trace.NonRecordingSpan(trace.SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True))
+        return trace.set_span_in_context(span, context)
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = default_setter) -> None:
+        raise NotImplementedError
+
+    @property
+    def fields(self) -> set[str]:
+        return {self.HEADER}
+
+
+def test_a_propagator_whose_header_name_has_capitals_is_read() -> None:
+    """A trace in a header such as AWS X-Ray's ``X-Amzn-Trace-Id`` continues.
+
+    ASGI header names are lowercase: the check for a propagation header compared them with the
+    propagators' field names as given, and skipped extraction for every such request.
+    """
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(format(trace.get_current_span().get_span_context().trace_id, "032x"))
+        await echo_app(scope, receive, send)
+
+    saved = get_global_textmap()
+    set_global_textmap(MixedCaseHeaderPropagator())
+    try:
+        call(ContextMiddleware(app), http_scope(("X-Trace-Header", f"{trace_id}-{span_id}")))
+    finally:
+        set_global_textmap(saved)
+    assert seen == [trace_id]
+
+
 def test_a_response_that_sets_the_header_itself_keeps_it() -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"X-Request-ID", b"own")]})
@@ -117,6 +162,18 @@ def test_a_websocket_gets_the_request_id_when_accepted() -> None:
     accept, message = call(ContextMiddleware(app), scope)
     assert accept == {"type": "websocket.accept", "headers": [(b"x-request-id", b"ws-1")]}
     assert message["text"] == "ws-1"
+
+
+def test_a_websocket_refused_with_an_http_response_gets_the_request_id() -> None:
+    """The ASGI "websocket denial response" extension: the refusal is the response that has headers."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "websocket.http.response.start", "status": 403, "headers": []})
+        await send({"type": "websocket.http.response.body", "body": b"no"})
+
+    scope = http_scope(("X-Request-ID", "ws-2")) | {"type": "websocket"}
+    start, _ = call(ContextMiddleware(app), scope)
+    assert start["headers"] == [(b"x-request-id", b"ws-2")]
 
 
 def test_the_context_is_restored_when_the_app_raises() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -197,6 +198,45 @@ def test_an_async_generator_closed_early_finishes_in_its_own_context() -> None:
 
     asyncio.run(main())
     assert closed == [{"job": "j-4"}]
+
+
+class AsyncCall:
+    async def __call__(self) -> dict[str, str]:
+        await asyncio.sleep(0)
+        return ids()
+
+
+class GeneratorCall:
+    def __call__(self) -> Iterator[dict[str, str]]:
+        yield ids()
+
+
+class AsyncGeneratorCall:
+    async def __call__(self) -> AsyncIterator[dict[str, str]]:
+        await asyncio.sleep(0)
+        yield ids()
+
+
+@pytest.mark.parametrize("decorate", DECORATORS.values(), ids=DECORATORS.keys())
+def test_an_object_whose_call_is_a_coroutine_or_generator_runs_in_the_context(decorate: Decorate) -> None:
+    """``async def __call__`` (a FastAPI dependency class) and generator ``__call__``: their whole run.
+
+    They were taken for plain functions: the IDs were bound only while the coroutine or generator
+    object was created, and the body ran without them.
+    """
+
+    async def consume() -> tuple[dict[str, str], dict[str, str], list[dict[str, str]]]:
+        return (
+            await decorate(AsyncCall())(),
+            await decorate(functools.partial(AsyncCall()))(),
+            [item async for item in decorate(AsyncGeneratorCall())()],
+        )
+
+    awaited, through_partial, iterated = asyncio.run(consume())
+    assert awaited == through_partial == {"job": "j-1"}
+    assert iterated == [{"job": "j-1"}]
+    assert list(decorate(GeneratorCall())()) == [{"job": "j-1"}]
+    assert ids() == {}
 
 
 def test_bound_as_a_decorator_keeps_what_the_function_is() -> None:

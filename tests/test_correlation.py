@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -99,6 +100,69 @@ def test_bound_decorator_binds_per_call_in_every_thread() -> None:
         thread.join(JOIN)
     assert seen == {i: {"job": "nightly", "index": str(i)} for i in range(count)}
     assert work.__name__ == "work"
+
+
+def test_one_bound_object_entered_by_two_threads_at_once_leaves_each_clean() -> None:
+    """A shared ``bound()`` left first by the thread that entered first: each undoes only its own block.
+
+    It used to keep one stack of tokens for every thread: the first to leave took the other's token,
+    could not detach it, and both threads kept the IDs after their blocks.
+    """
+    scope = threadctx.bound(job="shared")
+    both_inside = threading.Barrier(2)
+    first_left = threading.Event()
+    after: dict[str, dict[str, str]] = {}
+
+    def first() -> None:
+        with scope:
+            both_inside.wait(JOIN)
+        after["first"] = dict(threadctx.correlation())
+        first_left.set()
+
+    def second() -> None:
+        with scope:
+            both_inside.wait(JOIN)
+            assert first_left.wait(JOIN)
+            after["inside second"] = dict(threadctx.correlation())
+        after["second"] = dict(threadctx.correlation())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN)
+    assert after == {"first": {}, "inside second": {"job": "shared"}, "second": {}}
+
+
+def test_one_bound_object_entered_by_two_asyncio_tasks_leaves_each_clean() -> None:
+    """The same, with two tasks of one thread that leave in the order they entered."""
+    scope = threadctx.bound(job="shared")
+
+    async def main() -> dict[str, dict[str, str]]:
+        after: dict[str, dict[str, str]] = {}
+        second_inside, first_left = asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            with scope:
+                await second_inside.wait()
+            after["first"] = dict(threadctx.correlation())
+            first_left.set()
+
+        async def second() -> None:
+            with scope:
+                second_inside.set()
+                await first_left.wait()
+            after["second"] = dict(threadctx.correlation())
+
+        await asyncio.gather(first(), second())
+        return after
+
+    assert asyncio.run(main()) == {"first": {}, "second": {}}
+
+
+def test_leaving_a_bound_block_that_was_not_entered_here_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="did not enter it"):
+        threadctx.bound(job="x").__exit__(None, None, None)
 
 
 def test_ids_follow_the_context_object() -> None:

@@ -250,6 +250,24 @@ def test_dump_escapes_correlation_values_so_none_forges_a_thread(busy_threads: N
     assert escaped in block(report, "MainThread")
 
 
+def test_dump_escapes_file_names_so_none_forges_a_thread() -> None:
+    """Code compiled under a name with a line feed (a template, say) stays on its stack line."""
+    started, release = threading.Event(), threading.Event()
+    namespace: dict[str, object] = {"started": started, "release": release, "JOIN": JOIN}
+    source = "def wait_here():\n    started.set()\n    release.wait(JOIN)\n"
+    exec(compile(source, 'tpl\nThread "forged" ident=1', "exec"), namespace)
+    thread = threading.Thread(target=namespace["wait_here"], name="templated")  # type: ignore[arg-type]
+    thread.start()
+    try:
+        assert started.wait(JOIN)
+        report = threadctx.dump()
+    finally:
+        release.set()
+        thread.join(JOIN)
+    assert not re.search(r'^Thread "forged"', report, re.M)
+    assert 'File "tpl\\nThread "forged" ident=1", line 3, in wait_here' in block(report, "templated")
+
+
 @needs_sigusr1
 def test_install_dump_signal_again_replaces_it_one_thread_one_fork_hook() -> None:
     """Three installs with a logger: one dump thread, in the process and in a forked child; none listed."""
@@ -286,6 +304,48 @@ def test_install_dump_signal_again_replaces_it_one_thread_one_fork_hook() -> Non
     assert counted == listed, "the header counts the threads it lists (its own dump thread is not)"
     assert shows_itself == "False"
     assert child == "child 1"
+
+
+@needs_sigusr1
+def test_a_report_that_fails_to_log_does_not_end_the_logging_thread() -> None:
+    """A filter that raises on the first report: it is said on stderr, and the next report comes.
+
+    The exception used to end threadctx's logging thread: later reports piled up in its queue,
+    never logged.
+    """
+    code = textwrap.dedent(
+        """
+        import logging, signal, threading
+        import threadctx
+
+        logged = threading.Event()
+        calls = []
+
+        def flaky(record):
+            calls.append(record)
+            if len(calls) == 1:
+                raise RuntimeError("filter bug")
+            return True
+
+        class Done(logging.Handler):
+            def emit(self, record):
+                logged.set()
+
+        logger = logging.getLogger("dumps")
+        logger.addFilter(flaky)
+        logger.addHandler(Done())
+        threadctx.install_dump_signal(signal.SIGUSR1, logger="dumps")
+        signal.raise_signal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGUSR1)
+        print(logged.wait(30), len(calls), flush=True)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "True 2\n"
+    assert "RuntimeError: filter bug" in result.stderr
 
 
 def test_snapshot_dump_and_signal_warn_once_on_another_runtime_context(

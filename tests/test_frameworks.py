@@ -171,6 +171,42 @@ def test_flask_init_app_beside_the_instrumentor_in_either_order(
     assert seen == [(span.context.span_id, {"request_id": f"r-{index}"}) for index, span in enumerate(spans)]
 
 
+@pytest.mark.parametrize("with_context", [False, True], ids=["generator", "stream_with_context"])
+def test_flask_streamed_body_is_produced_in_the_requests_context(with_context: bool) -> None:
+    """Each step of a streamed response runs with the request id; nothing is left attached after.
+
+    Flask pops the request context (and init_app's hooks detach) before the server iterates a
+    plain generator, which used to run with no request id; ``stream_with_context`` keeps the
+    request context until the last step, and must not be bound a second time (that would leave
+    the request's context attached to the worker thread).
+    """
+    flask = pytest.importorskip("flask")
+
+    import threadctx
+    from threadctx.flask import init_app
+
+    app = flask.Flask("streaming")
+    init_app(app)
+    seen: list[dict[str, str]] = []
+
+    @app.get("/stream")
+    def stream() -> Any:
+        def steps() -> Any:
+            for step in ("one", "two"):
+                seen.append(dict(threadctx.correlation()))
+                yield step.encode()
+
+        return flask.Response(flask.stream_with_context(steps()) if with_context else steps())
+
+    client = app.test_client()
+    for request_id in ("r-s1", "r-s2"):
+        response = client.get("/stream", headers={"X-Request-ID": request_id})
+        assert response.data == b"onetwo"
+        assert response.headers["X-Request-ID"] == request_id
+        assert threadctx.correlation() == {}, "nothing is left attached after the response"
+    assert seen == [{"request_id": "r-s1"}] * 2 + [{"request_id": "r-s2"}] * 2
+
+
 def test_django_streaming_content_is_produced_in_the_requests_context() -> None:
     pytest.importorskip("django")
     from django.conf import settings
@@ -193,6 +229,37 @@ def test_django_streaming_content_is_produced_in_the_requests_context() -> None:
     assert b"".join(response) == b"r-stream"
     assert response["X-Request-ID"] == "r-stream"
     response.close()
+
+
+def test_django_file_response_still_reaches_the_servers_file_wrapper(tmp_path: Path) -> None:
+    """A FileResponse keeps ``file_to_stream``, which Django's WSGI handler gives to ``wsgi.file_wrapper``.
+
+    The middleware used to replace its ``streaming_content`` like any streaming response's, and
+    that setter drops ``file_to_stream``: the file no longer reached the server's ``sendfile()``.
+    """
+    pytest.importorskip("django")
+    from django.conf import settings
+    from django.http import FileResponse
+
+    from threadctx.django import ContextMiddleware
+
+    if not settings.configured:
+        settings.configure(DEFAULT_CHARSET="utf-8")
+    path = tmp_path / "report.bin"
+    path.write_bytes(b"x" * 10_000)
+    with path.open("rb") as file:
+        response = ContextMiddleware(lambda request: FileResponse(file))(_django_request("r-file"))
+        assert response.file_to_stream is file
+        assert response["X-Request-ID"] == "r-file"
+        assert b"".join(response) == b"x" * 10_000
+
+
+def _django_request(request_id: str) -> Any:
+    from django.http import HttpRequest
+
+    request = HttpRequest()
+    request.META["HTTP_X_REQUEST_ID"] = request_id
+    return request
 
 
 def test_django_middleware_before_opentelemetrys_warns_when_loaded() -> None:

@@ -7,6 +7,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
@@ -34,6 +35,10 @@ def state() -> State:
 
 @pytest.fixture(autouse=True)
 def _uninstrumented() -> Iterator[None]:
+    # OpenTelemetry's unwrap leaves a stale wrapper as Timer's own start (Timer inherits start):
+    # each test starts without it, as in a fresh process, whatever ran before.
+    if "start" in vars(threading.Timer):
+        del threading.Timer.start
     yield
     if "opentelemetry.instrumentation.threading" in sys.modules:
         from opentelemetry.instrumentation.threading import ThreadingInstrumentor
@@ -175,9 +180,8 @@ def test_a_thread_started_twice_raises_as_usual() -> None:
     assert "run" not in vars(thread), "the wrapper does not stay on the thread"
 
 
-@pytest.mark.parametrize("order", ["threadctx first", "OpenTelemetry first"])
-def test_beside_opentelemetrys_threading_instrumentor(caller: State, order: str) -> None:
-    """Both on: the same context arrives; both off, in either order: everything is restored."""
+def both_instrumented(order: str) -> Any:
+    """Switch on threadctx's and OpenTelemetry's instrumentation in ``order``; return OpenTelemetry's."""
     threading_instrumentation = pytest.importorskip(
         "opentelemetry.instrumentation.threading",
         reason="opentelemetry-instrumentation-threading is not installed",
@@ -186,6 +190,13 @@ def test_beside_opentelemetrys_threading_instrumentor(caller: State, order: str)
     steps = [threadctx.instrument_threading, instrumentor.instrument]
     for step in steps if order == "threadctx first" else steps[::-1]:
         step()
+    return instrumentor
+
+
+@pytest.mark.parametrize("order", ["threadctx first", "OpenTelemetry first"])
+def test_beside_opentelemetrys_threading_instrumentor(caller: State, order: str) -> None:
+    """Both on: the same context arrives; both off, in either order: everything is restored."""
+    instrumentor = both_instrumented(order)
     for runner in RUNNERS.values():
         assert runner() == caller
     threadctx.uninstrument_threading()
@@ -258,6 +269,52 @@ def test_helper_threads_that_serve_many_callers_start_clean(caller: State) -> No
         "ThreadPool worker, first request": (None, {}),
         "ThreadPool worker, second request": (None, {}),
     }, "no helper thread shows the request that created it"
+
+
+@pytest.mark.parametrize("order", ["threadctx first", "OpenTelemetry first"])
+def test_helper_threads_start_clean_beside_opentelemetrys_instrumentor(caller: State, order: str) -> None:
+    """Both instrumentors on, in either order: the helper threads still start clean.
+
+    OpenTelemetry's wrapper of ``Thread.run`` attached the context it noted at ``start()``
+    inside threadctx's clean one: a pool worker created by the first request kept its IDs for
+    good, and the next request's ThreadPool task ran with them (issue 11, item 7).
+    """
+    both_instrumented(order)
+    seen_by_initializer: list[State] = []
+    with ThreadPoolExecutor(max_workers=1, initializer=lambda: seen_by_initializer.append(state())) as pool:
+        assert pool.submit(state).result(JOIN) == caller
+    assert seen_by_initializer == [(None, {})], "the worker itself starts clean"
+    assert in_thread("thread") == caller, "a plain thread still runs in its creator's context"
+    assert _helper_thread_states() == {
+        "ThreadPool worker, first request": (None, {}),
+        "ThreadPool worker, second request": (None, {}),
+    }
+
+
+def test_a_logging_queue_listener_started_in_a_request_starts_clean(caller: State) -> None:
+    """A QueueListener's thread handles every thread's records: it must not keep its starter's request.
+
+    It did: its handlers (and what they call: an exporter, an HTTP client's spans) ran in the first
+    request's context for good, and a filter there stamped that request on every later record.
+    """
+    import logging.handlers
+    import queue
+
+    threadctx.instrument_threading()
+    seen: list[State] = []
+
+    class Recording(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(state())
+
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, Recording())
+    listener.start()  # inside the request of the caller fixture
+    try:
+        records.put(logging.makeLogRecord({"msg": "from another request"}))
+    finally:
+        listener.stop()
+    assert seen == [(None, {})]
 
 
 CALLS = ["threadctx on", "threadctx off", "OpenTelemetry on", "OpenTelemetry off"]

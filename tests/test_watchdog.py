@@ -135,6 +135,33 @@ def test_a_stuck_span_is_reported_once_with_the_stuck_threads_ids(
     assert "in run\n      self.release.wait(JOIN)" in message, "the stuck thread's innermost frames"
 
 
+def test_a_record_factory_that_sets_trace_id_keeps_it_and_the_warning_comes(
+    tracer_provider: TracerProvider, records: Records
+) -> None:
+    """A LogRecord factory that stamps ``trace_id`` itself: its value stays, and the warning comes.
+
+    Logging refuses an ``extra=`` that would overwrite it (KeyError): the warning was lost for good.
+    """
+    default = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = default(*args, **kwargs)
+        record.trace_id = "from-factory"
+        return record
+
+    logging.setLogRecordFactory(factory)
+    stuck = Stuck("pool_0", in_span(tracer_provider, "charge card", request_id="r-1"))
+    try:
+        with threadctx.start_watchdog(threshold=THRESHOLD, interval=INTERVAL, logger="test.watchdog"):
+            (record,) = records.wait_for(lambda records: len(records) >= 1)
+    finally:
+        stuck.stop()
+        logging.setLogRecordFactory(default)
+    assert record.trace_id == "from-factory", "what another tool put on the record stays"  # type: ignore[attr-defined]
+    assert record.request_id == "r-1"  # type: ignore[attr-defined]
+    assert 'thread "pool_0"' in record.getMessage()
+
+
 def test_a_span_without_a_start_time_is_aged_from_when_the_watchdog_first_saw_it(records: Records) -> None:
     """A caller's span carried in (or one not sampled) has no start time: age counts from the first look."""
     carried = trace.SpanContext(
@@ -272,6 +299,35 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+def test_a_threshold_of_years_keeps_it_watching() -> None:
+    """An interval beyond what Event.wait accepts (threading.TIMEOUT_MAX) waits in steps.
+
+    The watchdog thread used to die at its first wait with an OverflowError, silently for the
+    caller of start_watchdog().
+    """
+    result = run_python(
+        """
+        import sys, threading, time
+        import threadctx
+
+        watchdog = threadctx.start_watchdog(threshold=1e12)  # the interval: a quarter of it
+        thread = watchdog._thread
+        deadline = time.monotonic() + 60
+        # Until its first wait has begun (or it died): the innermost frame is in threading's Condition.
+        while thread.is_alive() and time.monotonic() < deadline:
+            frame = sys._current_frames().get(thread.ident)
+            if frame is not None and frame.f_code.co_name == "wait":
+                break
+            time.sleep(0.001)
+        print(watchdog.running, flush=True)
+        watchdog.stop()
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout == "True\n"
 
 
 def test_it_stops_cleanly_at_interpreter_exit() -> None:

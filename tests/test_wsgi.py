@@ -310,6 +310,29 @@ def test_with_baggage_off_the_app_forwards_no_client_baggage(serve: Callable[[WS
     assert sent == [{"baggage": "request_id=r-1"}]
 
 
+def test_what_a_streamed_body_binds_stays_bound_for_its_next_chunks(
+    serve: Callable[[WSGIApplication], int],
+) -> None:
+    """A body that binds an ID keeps it in its later steps, as a generator does anywhere else.
+
+    Each step used to start again from the request's context: ``user`` bound before the first
+    chunk was gone for the second.
+    """
+    seen: list[dict[str, str]] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        threadctx.bind(user="u-1")
+        yield b"a"
+        seen.append(dict(threadctx.correlation()))
+        yield b"b"
+
+    port = serve(ContextMiddleware(app))
+    status, headers, body = get(port, "/", {"X-Request-ID": "r-b"})
+    assert (status, headers["x-request-id"], body) == (200, "r-b", b"ab")
+    assert seen == [{"request_id": "r-b", "user": "u-1"}]
+
+
 def test_a_generator_that_makes_an_invalid_id_is_an_error_not_a_header() -> None:
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         raise AssertionError("not reached")

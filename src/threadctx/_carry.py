@@ -67,6 +67,20 @@ def _drive(generator: Generator[Any, Any, Any], context: Context) -> Generator[A
             thrown = exc
 
 
+def _kind(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What tells whether calling ``fn`` starts a coroutine or a generator.
+
+    That is ``fn`` itself (through any ``functools.partial``), or for an
+    instance of a class with ``__call__`` (``async def __call__``: a FastAPI
+    dependency class, for one) that method.
+    """
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.isroutine(fn) or isinstance(fn, type):
+        return fn
+    return getattr(type(fn), "__call__", fn)  # noqa: B004 - the method itself is what we inspect
+
+
 def in_context(fn: Callable[P, R], context_for_call: Callable[[], Context]) -> Callable[P, R]:
     """Wrap ``fn`` so that each call runs in ``context_for_call()``, for the whole of its run.
 
@@ -76,20 +90,22 @@ def in_context(fn: Callable[P, R], context_for_call: Callable[[], Context]) -> C
     iterates it).
     """
     wrapper: Callable[..., Any]
-    if inspect.iscoroutinefunction(fn):
+    call: Callable[..., Any] = fn  # what it returns is known from _kind(fn), not from its type
+    kind = _kind(fn)
+    if inspect.iscoroutinefunction(kind):
 
         async def run_coroutine(*args: Any, **kwargs: Any) -> Any:
             token = _otel_context.attach(context_for_call())
             try:
-                return await fn(*args, **kwargs)
+                return await call(*args, **kwargs)
             finally:
                 _otel_context.detach(token)
 
         wrapper = run_coroutine
-    elif inspect.isasyncgenfunction(fn):
+    elif inspect.isasyncgenfunction(kind):
 
         async def run_async_generator(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
-            generator = fn(*args, **kwargs)
+            generator = call(*args, **kwargs)
             context = context_for_call()
             sent: Any = None
             thrown: BaseException | None = None
@@ -116,10 +132,10 @@ def in_context(fn: Callable[P, R], context_for_call: Callable[[], Context]) -> C
                     thrown = exc
 
         wrapper = run_async_generator
-    elif inspect.isgeneratorfunction(fn):
+    elif inspect.isgeneratorfunction(kind):
 
         def run_generator(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
-            return (yield from _drive(fn(*args, **kwargs), context_for_call()))
+            return (yield from _drive(call(*args, **kwargs), context_for_call()))
 
         wrapper = run_generator
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from contextvars import Token
+from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 
@@ -158,21 +158,36 @@ def clear() -> Token[Context]:
     return _otel_context.attach(_with_ids(_EMPTY))
 
 
+#: The tokens of the ``bound()`` blocks entered and not yet left, innermost last, with their
+#: objects.  Each thread and asyncio task has its own stack, so one ``bound()`` object can be
+#: entered in several at once (a module-level one used by many threads or tasks); once every
+#: block is left the stack is empty again, so nothing stays behind in a long-lived thread.
+_entered: ContextVar[tuple[tuple[_Bound, Token[Context]], ...]] = ContextVar(
+    "threadctx.bound_entered", default=()
+)
+
+
 class _Bound:
     """What :func:`bound` returns: a context manager that is also a decorator."""
 
-    __slots__ = ("_ids", "_tokens")
+    __slots__ = ("_ids",)
 
     def __init__(self, ids: Mapping[str, str]) -> None:
         self._ids = ids
-        self._tokens: list[Token[Context]] = []  # a stack: the same object may be entered again
 
     def __enter__(self) -> Mapping[str, str]:
-        self._tokens.append(_otel_context.attach(merged(self._ids)))
+        token = _otel_context.attach(merged(self._ids))
+        _entered.set((*_entered.get(), (self, token)))
         return correlation()
 
     def __exit__(self, *exc_info: object) -> None:
-        _otel_context.detach(self._tokens.pop())
+        stack = _entered.get()
+        # This object's innermost block in this thread or task (entered again inside itself: LIFO).
+        index = next((i for i in reversed(range(len(stack))) if stack[i][0] is self), None)
+        if index is None:
+            raise RuntimeError("bound() block left in a thread or task that did not enter it")
+        _entered.set(stack[:index] + stack[index + 1 :])
+        _otel_context.detach(stack[index][1])
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         ids = self._ids
@@ -198,7 +213,11 @@ def bound(**ids: str) -> _Bound:
     iterates it keeps its own IDs between steps.
 
     On exit exactly the previous correlation IDs are restored, also when the
-    block raises.  The IDs are validated here, when ``bound`` is called.
+    block raises.  The IDs are validated here, when ``bound`` is called.  One
+    ``bound()`` object may be used by many threads and tasks at once; each
+    block is left in the thread or task that entered it (leaving it elsewhere,
+    say across a ``yield`` of a generator resumed by another thread, is a
+    ``RuntimeError``).
 
     Raises:
         TypeError, ValueError: an ID is invalid (see :func:`validate`).

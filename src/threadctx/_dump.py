@@ -51,7 +51,8 @@ def _stack(frame: FrameType | None, limit: int, source: bool) -> list[str]:
     summary = traceback.StackSummary.extract(traceback.walk_stack(frame), limit=limit, lookup_lines=source)
     lines = []
     for entry in reversed(summary):
-        lines.append(f'    File "{entry.filename}", line {entry.lineno}, in {_printable(entry.name)}')
+        filename, name = _printable(entry.filename), _printable(entry.name)
+        lines.append(f'    File "{filename}", line {entry.lineno}, in {name}')
         if source and entry.line:
             lines.append(f"      {_printable(entry.line)}")
     return lines
@@ -298,7 +299,11 @@ class _LogThread:
     def run(self) -> None:
         while True:
             logger, report = self.reports.get()
-            logger.warning("%s", report)
+            try:
+                logger.warning("%s", report)
+            except Exception:  # a filter's bug must not end the thread: later reports still come
+                with contextlib.suppress(Exception):
+                    traceback.print_exc()  # on stderr, as logging's own handleError does
 
 
 _log_thread: _LogThread | None = None

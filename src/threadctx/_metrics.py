@@ -20,7 +20,7 @@ _lock = threading.Lock()  # instrument_metrics() only: never taken on a request 
 
 
 class _Observer:
-    """One snapshot per collection, shared by both instruments' callbacks."""
+    """Both instruments' callbacks; each reads a snapshot of its own, with one memory of first sightings."""
 
     def __init__(self) -> None:
         self._ages = _Ages()

@@ -209,18 +209,22 @@ def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[st
     return _valid_ids(pairs)
 
 
-_fields_cache: tuple[object, frozenset[str]] = (None, frozenset())
+_fields_cache: tuple[object, frozenset[str], frozenset[str]] = (None, frozenset(), frozenset())
 
 
-def _propagator_fields() -> frozenset[str]:
-    """The headers the configured propagators use (cached per propagator object)."""
+def _propagator_fields(lowercase: bool = False) -> frozenset[str]:
+    """The headers the configured propagators use, as they name them or in lowercase.
+
+    Cached per propagator object.  Some are not lowercase: AWS X-Ray's ``X-Amzn-Trace-Id``.
+    """
     global _fields_cache  # noqa: PLW0603 - a one-entry cache, replaced whole
     textmap = otel_propagate.get_global_textmap()
-    cached, fields = _fields_cache
+    cached, fields, lower = _fields_cache
     if cached is not textmap:
         fields = frozenset(textmap.fields)
-        _fields_cache = (textmap, fields)
-    return fields
+        lower = frozenset(field.lower() for field in fields)
+        _fields_cache = (textmap, fields, lower)
+    return lower if lowercase else fields
 
 
 def _propagator_sends_baggage() -> bool:
@@ -235,7 +239,7 @@ def carries_context(
     ``names``, the carrier's header names in lowercase if the caller has them, saves the lookups.
     """
     if names is not None:
-        return _BAGGAGE in names or not _propagator_fields().isdisjoint(names)
+        return _BAGGAGE in names or not _propagator_fields(lowercase=True).isdisjoint(names)
     if getter.get(carrier, _BAGGAGE) is not None:
         return True
     return any(getter.get(carrier, field) is not None for field in _propagator_fields())

@@ -134,15 +134,26 @@ def _is_proxy(value: object) -> bool:
     return isinstance(value, kinds)
 
 
+def _is_inherited(owner: type, name: str, node: object) -> bool:
+    """Whether ``node`` is a base class's own attribute ``name``.
+
+    OpenTelemetry's proxy of ``Timer.start`` wraps ``Thread.start``'s proxy
+    itself (Timer inherits ``start``): below that point the chain is
+    ``Thread``'s, and belongs to ``Thread``'s patch.
+    """
+    return any(base.__dict__.get(name, _MISSING) is node for base in owner.__mro__[1:])
+
+
 def _install(owner: type, name: str, patch: Any) -> None:
     holder, node = None, owner.__dict__.get(name, _MISSING)
-    while _is_proxy(node):
+    while _is_proxy(node) and not (holder is not None and _is_inherited(owner, name, node)):
         if node.__wrapped__ is patch:
             return  # already in place beneath another instrumentor's proxy
         holder, node = node, node.__wrapped__
     if node is patch:
         return
-    _originals[owner, name] = node
+    # An inherited attribute is looked up where it is at each call, as when the class has none.
+    _originals[owner, name] = _MISSING if holder is not None and _is_inherited(owner, name, node) else node
     if holder is None:
         setattr(owner, name, patch)
     else:
@@ -159,7 +170,7 @@ def _uninstall(owner: type, name: str, patch: Any) -> None:
             setattr(owner, name, original)
         return
     node = top
-    while _is_proxy(node):
+    while _is_proxy(node) and not (node is not top and _is_inherited(owner, name, node)):
         if node.__wrapped__ is patch:
             node.__wrapped__ = _inherited(owner, name) if original is _MISSING else original
             return
@@ -172,7 +183,8 @@ def _serves_many(thread: threading.Thread) -> bool:
     """Whether ``thread`` is one of the standard library's long-lived helper threads.
 
     They serve many callers (pool workers, a pool's task and result
-    handlers, a queue's feeder, a process pool's manager), so they start
+    handlers, a queue's feeder, a process pool's manager, a logging queue's
+    listener), so they start
     with an empty context rather than the context of whichever caller
     happened to create them.  Only modules already imported are looked at:
     a thread cannot target a function that was never loaded.
@@ -191,6 +203,9 @@ def _serves_many(thread: threading.Thread) -> bool:
     queues = sys.modules.get("multiprocessing.queues")
     if queues is not None and target is queues.Queue._feed:
         return True
+    handlers = sys.modules.get("logging.handlers")
+    if handlers is not None and getattr(target, "__func__", None) is handlers.QueueListener._monitor:
+        return True  # it handles every thread's records
     process = sys.modules.get("concurrent.futures.process")
     manager = getattr(process, "_ExecutorManagerThread", None)
     return manager is not None and isinstance(thread, manager)
@@ -233,6 +248,11 @@ def _patched_start(owner: type[threading.Thread]) -> Callable[[threading.Thread]
             original()
             return
         context = otel_context.Context() if _serves_many(self) else otel_context.get_current()
+        if "_otel_context" in vars(self):
+            # OpenTelemetry's ThreadingInstrumentor (whose start wrapper is outside this one) noted
+            # the caller's context for its Thread.run wrapper to attach inside ours: a helper thread
+            # would get the request that created it after all. Both carry the one context chosen here.
+            self.__dict__["_otel_context"] = context
         wrapper = _RunInContext(self, context)
         self.__dict__["run"] = wrapper
         try:
@@ -271,8 +291,9 @@ def instrument_threading() -> None:
     The standard library's long-lived helper threads, which serve many
     callers, start with an empty context instead: ``ThreadPoolExecutor``
     workers, ``multiprocessing.pool.ThreadPool`` workers and every ``Pool``'s
-    handler threads, a ``multiprocessing.Queue``'s feeder thread and
-    ``ProcessPoolExecutor``'s manager thread.
+    handler threads, a ``multiprocessing.Queue``'s feeder thread,
+    ``ProcessPoolExecutor``'s manager thread and a ``logging``
+    ``QueueListener``'s thread.
 
     Idempotent, and undone by :func:`uninstrument_threading`.  Beside
     OpenTelemetry's ``ThreadingInstrumentor`` both carry the same context

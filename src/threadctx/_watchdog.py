@@ -105,7 +105,8 @@ class Watchdog:
         me = threading.get_ident()
         _own_threads.add(me)
         try:
-            while not self._stopping.wait(self.interval):
+            # Event.wait refuses more than TIMEOUT_MAX (some 292 years): a longer interval never ends anyway.
+            while not self._stopping.wait(min(self.interval, threading.TIMEOUT_MAX)):
                 try:
                     self._check()
                 except Exception as error:  # a bug must not end the watching: say so once
@@ -133,6 +134,9 @@ class Watchdog:
         for name, value in entry.correlation.items():
             if name not in _RESERVED:  # a record's own attributes can't be given in extra=
                 extra.setdefault(name, _printable(value))
+        # Nor can what a LogRecord factory sets (logging raises KeyError): that stays as it is.
+        made = vars(logging.getLogRecordFactory()(self.logger.name, logging.WARNING, "", 0, "", (), None))
+        extra = {name: value for name, value in extra.items() if name not in made}
         details = "\n".join(describe_span(entry) + (["  stack (innermost last):", *stack] if stack else []))
         # Logged in the stuck thread's context, so that every filter and handler (threadctx's,
         # OpenTelemetry's) attributes the record to the stuck request.

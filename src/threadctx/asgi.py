@@ -42,8 +42,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _SERVED = frozenset({"http", "websocket"})
-#: The messages that carry the response's headers.
-_STARTS = frozenset({"http.response.start", "websocket.accept"})
+#: The messages that carry the response's headers (a websocket refused with an HTTP response
+#: too: the ASGI "websocket denial response" extension).
+_STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.http.response.start"})
 
 
 class ScopeGetter(Getter[Scope]):
@@ -96,8 +97,9 @@ class ContextMiddleware:
     SERVER span already current, from OpenTelemetry's middleware outside),
     take a valid incoming request id or generate one, bind it for the whole
     request (the endpoint, a streaming body, background tasks that run after
-    the response), send it back in the response headers (also when the
-    websocket is accepted), and leave the task's context as it was.
+    the response), send it back in the response headers (also when a
+    websocket is accepted, or refused with an HTTP response), and leave the
+    task's context as it was.
     ``lifespan`` and other scopes pass through untouched.
 
     Args:

@@ -86,7 +86,13 @@ class ContextMiddleware:
             otel_context.detach(token)
         if self.policy.response_header and not response.has_header(self.header):
             response[self.header] = request_id
-        if getattr(response, "streaming", False) and not getattr(response, "is_async", False):
+        # A FileResponse's file goes to the server's wsgi.file_wrapper (sendfile) as it is: setting
+        # streaming_content would drop its file_to_stream, and reading a file runs no application code.
+        if (
+            getattr(response, "streaming", False)
+            and not getattr(response, "is_async", False)
+            and getattr(response, "file_to_stream", None) is None
+        ):
             response.streaming_content = _Body(response.streaming_content, context)
         return response
 

@@ -23,14 +23,15 @@ request), keep its span and bind the request id under it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flask
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from threadctx._requests import RequestPolicy, new_request_id
-from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
+from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter, _Body
 
 __all__ = ["init_app"]
 
@@ -63,7 +64,9 @@ def init_app(
     :class:`threadctx.wsgi.ContextMiddleware`. Beside
     ``FlaskInstrumentor().instrument_app(app)``, in either order, its hooks run
     inside the instrumentor's SERVER span (called first, they move behind
-    the instrumentor's at the first request).
+    the instrumentor's at the first request). A streamed response's body
+    is produced in the request's context too, with or without
+    ``stream_with_context``.
 
     .. versionadded:: 0.2.0
     """
@@ -103,9 +106,15 @@ def init_app(
         bind_now()
 
     def add_header(response: Any) -> Any:
-        request_id = flask.request.environ.get(_REQUEST_ID)
+        environ = flask.request.environ
+        request_id = environ.get(_REQUEST_ID)
         if policy.response_header and request_id is not None and header not in response.headers:
             response.headers[header] = request_id
+        context = environ.get(ENVIRON_CONTEXT)
+        # A streamed body is produced after the request context was popped (send_file's
+        # direct_passthrough body is a file for the server's wsgi.file_wrapper: left as it is).
+        if context is not None and response.is_streamed and not response.direct_passthrough:
+            response.response = _Streamed(response.response, context, environ)
         return response
 
     def unbind(_: BaseException | None) -> None:
@@ -116,3 +125,22 @@ def init_app(
     app.before_request(bind)
     app.after_request(add_header)
     app.teardown_request(unbind)
+
+
+class _Streamed(_Body):
+    """A streamed response body, produced (and closed) in the request's context.
+
+    Only where the request's own binding is gone (``unbind`` ran when Flask
+    popped the request context): while ``stream_with_context`` keeps that
+    context the body already runs in it, and its last step runs ``unbind``,
+    which a second attach around it would undo.
+    """
+
+    __slots__ = ("_environ",)
+
+    def __init__(self, iterable: Iterable[bytes], context: Context, environ: dict[str, Any]) -> None:
+        super().__init__(iterable, context)
+        self._environ = environ
+
+    def _step(self, fn: Callable[[], Any]) -> Any:
+        return fn() if _TOKEN in self._environ else super()._step(fn)

@@ -188,7 +188,11 @@ class _AddHeader:
 
 
 class _Body:
-    """The response body, produced (and closed) in the request's context."""
+    """The response body, produced (and closed) in the request's context.
+
+    What the body binds itself stays bound for its next steps, as in any
+    generator; the server's thread gets its own context back between steps.
+    """
 
     __slots__ = ("_context", "_iterable")
 
@@ -196,27 +200,24 @@ class _Body:
         self._iterable = iterable
         self._context = context
 
-    def __iter__(self) -> Iterator[bytes]:
+    def _step(self, fn: Callable[[], Any]) -> Any:
         token = otel_context.attach(self._context)
         try:
-            iterator = iter(self._iterable)
+            return fn()
         finally:
+            self._context = otel_context.get_current()
             otel_context.detach(token)
+
+    def __iter__(self) -> Iterator[bytes]:
+        iterator: Iterator[bytes] = self._step(lambda: iter(self._iterable))
         while True:
-            token = otel_context.attach(self._context)
             try:
-                chunk = next(iterator)
+                chunk: bytes = self._step(lambda: next(iterator))
             except StopIteration:
                 return
-            finally:
-                otel_context.detach(token)
             yield chunk
 
     def close(self) -> None:
         close: Callable[[], Any] | None = getattr(self._iterable, "close", None)
         if close is not None:
-            token = otel_context.attach(self._context)
-            try:
-                close()
-            finally:
-                otel_context.detach(token)
+            self._step(close)
