@@ -100,10 +100,12 @@ contexts(PyObject *module, PyObject *var)
     PyObject *result = PyDict_New();
     for (Py_ssize_t i = 0; i < size; i++) {
         if (result != NULL) {
-            PyObject *args[2] = {seen[i].context, var};
+            /* args[0] is a spare slot: PY_VECTORCALL_ARGUMENTS_OFFSET lets the callee
+               write args[-1] of what it is given, so it must be ours to write. */
+            PyObject *args[3] = {NULL, seen[i].context, var};
             /* Context.get(var): None where the context does not hold var. */
             PyObject *value = PyObject_VectorcallMethod(
-                get_name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+                get_name, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
             PyObject *entry = NULL, *key = NULL;
             if (value != NULL && value != Py_None) {
                 entry = Py_BuildValue("(kO)", seen[i].native_id, value);
