@@ -437,7 +437,11 @@ def test_ddtrace_stamped_records_keep_its_values_and_get_the_correlation_ids(tra
 def test_logging_instrumentor_stamped_records_get_the_correlation_ids(
     tracer: trace.Tracer, global_provider: TracerProvider
 ) -> None:
-    from opentelemetry.instrumentation.logging import LoggingInstrumentor
+    instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.logging",
+        reason="opentelemetry-instrumentation-logging is not installed (test extras)",
+    )
+    LoggingInstrumentor = instrumentation.LoggingInstrumentor  # noqa: N806 - the class, by its name
 
     logger, stream = make_logger(
         "instrumented", "%(otelTraceID)s %(request_id)s %(message)s", threadctx.ContextFilter("otel-python")
