@@ -23,6 +23,7 @@ test: lint typecheck pytest docs  ## everything CI checks, but the conformance s
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests examples benchmarks conformance docs
 	$(BIN)/ruff format --check src tests examples benchmarks conformance docs
+	$(BIN)/lint-imports --no-cache  # the layers of [tool.importlinter] in pyproject.toml
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy

@@ -10,7 +10,7 @@ from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.trace import TracerProvider
 
 from benchmarks.harness import Result, compare
-from threadctx import ThreadRuntimeContext, _storage
+from threadctx import ThreadRuntimeContext, _current
 
 
 class MirroredRuntimeContext(ThreadRuntimeContext):
@@ -21,7 +21,7 @@ class MirroredRuntimeContext(ThreadRuntimeContext):
 
 
 BACKENDS: dict[str, _RuntimeContext] = {"contextvars (default)": ContextVarsRuntimeContext()}
-if _storage.reader_in_use():
+if _current.reader_in_use():
     BACKENDS["threadctx, compiled reader"] = ThreadRuntimeContext()
 BACKENDS["threadctx, mirror (pure Python)"] = MirroredRuntimeContext()
 BASELINE = "contextvars (default)"

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
-from threadctx import _runtime, _storage
+from threadctx import _current, _runtime
 
 TRACER = TracerProvider().get_tracer("bench")
 SIZES = (10, 100, 1000)
@@ -84,7 +84,7 @@ def _peak_bytes(func: Callable[[], object]) -> int:
 
 
 def available_readers() -> list[str]:
-    return list(READERS) if _storage._LOADED_READER is not None else [READERS[1]]
+    return list(READERS) if _current.LOADED_READER is not None else [READERS[1]]
 
 
 def growth() -> str:
@@ -221,10 +221,10 @@ def latency_under_snapshot(parked: int = 1000, requests: int = 300, threads: int
         for _round in range(3):  # interleaved rounds
             for name, background in variants.items():
                 results[name] += _latencies(requests, threads, background)
-        if _storage._LOADED_READER is not None:
-            from threadctx._runtime import CURRENT
+        if _current.LOADED_READER is not None:
+            from threadctx._current import CURRENT
 
-            read = _storage._LOADED_READER
+            read = _current.LOADED_READER
             for _ in range(50):
                 began = time.perf_counter()
                 read(CURRENT)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import threadctx
-from threadctx import _dump
+from threadctx._ops import exchange
 
 JOIN = 30
 pytestmark = pytest.mark.skipif(
@@ -56,7 +56,7 @@ TARGET = textwrap.dedent(
 def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A runtime directory for this test, seen by this process and the ones it starts."""
     directory = tmp_path / "run"
-    monkeypatch.setenv(_dump.RUNTIME_DIR_ENV, str(directory))
+    monkeypatch.setenv(exchange.RUNTIME_DIR_ENV, str(directory))
     monkeypatch.setenv("OTEL_PYTHON_CONTEXT", "threadctx")
     return directory
 
@@ -200,9 +200,9 @@ def test_help_explains_the_command() -> None:
 
 def test_the_handler_answers_a_request_with_a_file_only_this_user_can_read(runtime_dir: Path) -> None:
     """In this process: a request file turns the next signal's report into a 0600 file; then as before."""
-    _dump.check_private_dir(str(runtime_dir), create=True)
-    request = Path(_dump.request_path(str(runtime_dir), os.getpid()))
-    report = Path(_dump.report_path(str(runtime_dir), os.getpid()))
+    exchange.check_private_dir(str(runtime_dir), create=True)
+    request = Path(exchange.request_path(str(runtime_dir), os.getpid()))
+    report = Path(exchange.report_path(str(runtime_dir), os.getpid()))
     read_end, write_end = os.pipe()
     previous = threadctx.install_dump_signal(file=write_end)
     try:
@@ -220,23 +220,23 @@ def test_the_handler_answers_a_request_with_a_file_only_this_user_can_read(runti
 
 
 def test_the_runtime_directory_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(_dump.RUNTIME_DIR_ENV, raising=False)
+    monkeypatch.delenv(exchange.RUNTIME_DIR_ENV, raising=False)
     uid = os.getuid()
-    assert _dump.runtime_dir() in (f"/run/user/{uid}/threadctx", f"/tmp/threadctx-{uid}")
+    assert exchange.runtime_dir() in (f"/run/user/{uid}/threadctx", f"/tmp/threadctx-{uid}")
     real = tmp_path / "real"
     real.mkdir(0o700)
     link = tmp_path / "link"
     link.symlink_to(real)
-    with pytest.raises(_dump.RuntimeDirError, match="is not a directory"):
-        _dump.check_private_dir(str(link), create=True)
+    with pytest.raises(exchange.RuntimeDirError, match="is not a directory"):
+        exchange.check_private_dir(str(link), create=True)
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o755)
-    with pytest.raises(_dump.RuntimeDirError, match=r"can be entered by other users \(mode 755\)"):
-        _dump.check_private_dir(str(shared), create=False)
-    with pytest.raises(_dump.RuntimeDirError, match="cannot use"):
-        _dump.check_private_dir(str(tmp_path / "missing"), create=False)
-    _dump.check_private_dir(str(tmp_path / "new"), create=True)
+    with pytest.raises(exchange.RuntimeDirError, match=r"can be entered by other users \(mode 755\)"):
+        exchange.check_private_dir(str(shared), create=False)
+    with pytest.raises(exchange.RuntimeDirError, match="cannot use"):
+        exchange.check_private_dir(str(tmp_path / "missing"), create=False)
+    exchange.check_private_dir(str(tmp_path / "new"), create=True)
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
 
 
@@ -244,7 +244,7 @@ def test_a_request_in_a_directory_others_can_enter_is_ignored(runtime_dir: Path)
     """Someone else could have put it there: the report goes where it was installed to go."""
     runtime_dir.mkdir(0o700)
     runtime_dir.chmod(0o777)
-    request = Path(_dump.request_path(str(runtime_dir), os.getpid()))
+    request = Path(exchange.request_path(str(runtime_dir), os.getpid()))
     request.touch()
     read_end, write_end = os.pipe()
     previous = threadctx.install_dump_signal(file=write_end)

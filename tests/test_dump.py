@@ -81,7 +81,7 @@ def test_dump_describes_every_thread_with_its_context_and_stack(busy_threads: No
     assert "correlation" not in plain
     main = block(report, "MainThread")
     assert "(this thread)" in main
-    assert "threadctx/_dump.py" not in main, "the report's own frames are left out"
+    assert "threadctx/_ops/" not in main, "the report's own frames are left out"
 
 
 def test_frames_limits_the_stack(busy_threads: None) -> None:
@@ -355,9 +355,9 @@ def test_snapshot_dump_and_signal_warn_once_on_another_runtime_context(
     from opentelemetry import context as otel_context
     from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
-    from threadctx import _storage
+    from threadctx import _snapshot
 
-    monkeypatch.setattr(_storage, "_warned_foreign_runtime", False)
+    monkeypatch.setattr(_snapshot, "_warned_foreign_runtime", False)
     monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", ContextVarsRuntimeContext())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -371,7 +371,7 @@ def test_snapshot_dump_and_signal_warn_once_on_another_runtime_context(
         "note: the runtime context is ContextVarsRuntimeContext, not threadctx's"
     )
     for call in (lambda: threadctx.dump(frames=0), lambda: threadctx.install_dump_signal(file=2)):
-        monkeypatch.setattr(_storage, "_warned_foreign_runtime", False)
+        monkeypatch.setattr(_snapshot, "_warned_foreign_runtime", False)
         with pytest.warns(RuntimeWarning, match="not threadctx's") as each:
             previous = call()
         assert [w.filename for w in each] == [__file__]
@@ -380,9 +380,9 @@ def test_snapshot_dump_and_signal_warn_once_on_another_runtime_context(
 
 
 def test_no_warning_on_threadctx_runtime_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    from threadctx import _storage
+    from threadctx import _snapshot
 
-    monkeypatch.setattr(_storage, "_warned_foreign_runtime", False)
+    monkeypatch.setattr(_snapshot, "_warned_foreign_runtime", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         threadctx.snapshot()

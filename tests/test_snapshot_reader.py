@@ -33,10 +33,10 @@ from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
-from threadctx import _runtime, _storage
+from threadctx import _current, _runtime
 
 JOIN = 30
-SOURCE = Path(_storage.__file__).with_name("_ctxread.c")
+SOURCE = Path(_current.__file__).with_name("_ctxread.c")
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 HEADERS = Path(sysconfig.get_paths()["include"], "Python.h").exists()
 
@@ -44,7 +44,7 @@ HEADERS = Path(sysconfig.get_paths()["include"], "Python.h").exists()
 @pytest.fixture(params=["compiled", "mirror"])
 def reader(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run the test with the compiled reader, then with the pure-Python mirror."""
-    if request.param == "compiled" and _storage._LOADED_READER is None:
+    if request.param == "compiled" and _current.LOADED_READER is None:
         pytest.skip(
             "threadctx._ctxread is not built here (no compiler, free-threaded, or THREADCTX_PURE_PYTHON)"
         )
@@ -209,7 +209,7 @@ INHERIT_SCRIPT = textwrap.dedent(
     import os, sys, threading
     os.environ["OTEL_PYTHON_CONTEXT"] = "threadctx"
     import threadctx
-    from threadctx import _storage
+    from threadctx import _current
 
     assert sys.flags.thread_inherit_context == 1
     entered, release = threading.Event(), threading.Event()
@@ -226,12 +226,12 @@ INHERIT_SCRIPT = textwrap.dedent(
     report = threadctx.dump(frames=0)
     release.set()
     thread.join(30)
-    if _storage.reader_in_use():
+    if _current.reader_in_use():
         assert [dict(e.correlation) for e in entries] == [{"request_id": "parent-request"}], entries
         assert "correlation: request_id=parent-request" in report, report
     else:
         assert entries == [], entries  # the mirror's documented limit
-    print("reader" if _storage.reader_in_use() else "mirror")
+    print("reader" if _current.reader_in_use() else "mirror")
     """
 )
 
@@ -417,8 +417,8 @@ def test_the_environment_variable_selects_the_mirror_at_import() -> None:
         os.environ["OTEL_PYTHON_CONTEXT"] = "threadctx"
         from opentelemetry import context
         import threadctx
-        from threadctx import _runtime, _storage
-        print(_storage.reader_in_use(), context._RUNTIME_CONTEXT.attach == _runtime.CURRENT.set)
+        from threadctx import _current
+        print(_current.reader_in_use(), context._RUNTIME_CONTEXT.attach == _current.CURRENT.set)
         """
     )
     seen = {}
@@ -459,10 +459,10 @@ def test_the_reader_compiles_cleanly_with_all_warnings(tmp_path: Path) -> None:
 
 
 def test_the_reader_rejects_what_is_not_a_contextvar() -> None:
-    if _storage._LOADED_READER is None:
+    if _current.LOADED_READER is None:
         pytest.skip("threadctx._ctxread is not built here")
     with pytest.raises(TypeError):
-        _storage._LOADED_READER("not a ContextVar")  # type: ignore[arg-type]
+        _current.LOADED_READER("not a ContextVar")  # type: ignore[arg-type]
 
 
 ROOT = Path(__file__).resolve().parent.parent

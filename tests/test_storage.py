@@ -372,7 +372,14 @@ def test_fork_child_holds_only_the_forking_threads_entry() -> None:
             assert entries[0].thread_id == threading.get_ident()
             assert entries[0].native_id == os.getpid() == threading.get_native_id()
         assert threadctx.get_thread_storage() == {"parent": True}
-        assert list(_storage._registry) == [_storage.current_state().key]
+        # Besides the forking thread's, only threadctx's own threads that a fork hook restarted
+        # (the dump signal's logging thread, a watchdog) may hold an entry: with the mirror, their
+        # attach of an empty context creates one.
+        own = {thread.ident for thread in threading.enumerate() if thread.name.startswith("threadctx-")}
+        me = _storage.current_state()
+        states = [ref() for ref in list(_storage._registry.values())]
+        assert me.key in _storage._registry
+        assert [s.ident for s in states if s is not None and s is not me and s.ident not in own] == []
         # New threads work at once.
         assert run_in_thread(lambda: (threadctx.bind(request_id="t"), dict(threadctx.correlation()))[1]) == {
             "request_id": "t"

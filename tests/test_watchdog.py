@@ -277,9 +277,9 @@ def test_it_warns_once_on_another_runtime_context(monkeypatch: pytest.MonkeyPatc
     from opentelemetry import context as otel_context
     from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
-    from threadctx import _storage
+    from threadctx import _snapshot
 
-    monkeypatch.setattr(_storage, "_warned_foreign_runtime", False)
+    monkeypatch.setattr(_snapshot, "_warned_foreign_runtime", False)
     monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", ContextVarsRuntimeContext())
     with pytest.warns(RuntimeWarning, match="not threadctx's") as caught:
         threadctx.start_watchdog(threshold=60).stop()

@@ -14,7 +14,6 @@ Select the runtime context with ``OTEL_PYTHON_CONTEXT=threadctx``.
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 # Only modules that do not import ``opentelemetry.trace`` at import time are
@@ -32,18 +31,17 @@ from threadctx._correlation import (
     unbind,
 )
 from threadctx._runtime import ThreadRuntimeContext
-from threadctx._storage import (
-    ThreadSnapshot,
-    delete_thread_storage,
-    get_thread_storage,
-    snapshot,
-)
+from threadctx._snapshot import ThreadSnapshot, snapshot
+from threadctx._storage import delete_thread_storage, get_thread_storage
+from threadctx._version import __version__
 
 if TYPE_CHECKING:
-    from threadctx._dump import dump, install_dump_signal
     from threadctx._filter import ContextFilter, instrument_logging, uninstrument_logging
     from threadctx._integrations import loguru_patcher, structlog_processor
-    from threadctx._metrics import instrument_metrics
+    from threadctx._ops.metrics import instrument_metrics
+    from threadctx._ops.report import dump
+    from threadctx._ops.signal import install_dump_signal
+    from threadctx._ops.watchdog import Watchdog, start_watchdog
     from threadctx._processes import ContextProcessPoolExecutor, wrap_process
     from threadctx._propagation import (
         BAGGAGE_MAX_BYTES,
@@ -63,12 +61,11 @@ if TYPE_CHECKING:
         wrap,
     )
     from threadctx._vendors import PRESETS, FieldNames
-    from threadctx._watchdog import Watchdog, start_watchdog
 
 # Names whose modules import opentelemetry.trace: loaded on first use.
 _LAZY = {
-    "dump": "threadctx._dump",
-    "install_dump_signal": "threadctx._dump",
+    "dump": "threadctx._ops.report",
+    "install_dump_signal": "threadctx._ops.signal",
     "PRESETS": "threadctx._vendors",
     "ContextFilter": "threadctx._filter",
     "FieldNames": "threadctx._vendors",
@@ -76,7 +73,7 @@ _LAZY = {
     "uninstrument_logging": "threadctx._filter",
     "loguru_patcher": "threadctx._integrations",
     "structlog_processor": "threadctx._integrations",
-    "instrument_metrics": "threadctx._metrics",
+    "instrument_metrics": "threadctx._ops.metrics",
     "ContextProcessPoolExecutor": "threadctx._processes",
     "wrap_process": "threadctx._processes",
     "BAGGAGE_MAX_BYTES": "threadctx._propagation",
@@ -92,8 +89,8 @@ _LAZY = {
     "instrument_threading": "threadctx._threads",
     "uninstrument_threading": "threadctx._threads",
     "wrap": "threadctx._threads",
-    "Watchdog": "threadctx._watchdog",
-    "start_watchdog": "threadctx._watchdog",
+    "Watchdog": "threadctx._ops.watchdog",
+    "start_watchdog": "threadctx._ops.watchdog",
 }
 
 
@@ -109,11 +106,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(__all__)
 
-
-try:
-    __version__ = version("threadctx")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
 
 __all__ = [
     "BAGGAGE_MAX_BYTES",

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from threadctx._dump import (
+from threadctx._ops.exchange import (
     RUNTIME_DIR_ENV,
     RuntimeDirError,
     check_private_dir,

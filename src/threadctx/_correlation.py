@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 from opentelemetry import context as _otel_context
 
 from threadctx._carry import in_context
+from threadctx._text import show
 
 if TYPE_CHECKING:
     from opentelemetry.context.context import Context
@@ -36,6 +37,7 @@ __all__ = [
     "correlation",
     "unbind",
     "validate",
+    "with_ids",
 ]
 
 CORRELATION_KEY = "threadctx.correlation"
@@ -52,14 +54,6 @@ MAX_IDS = 64
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
-
-
-def _show(value: str) -> str:
-    """A short, escaped rendering of untrusted text for an error message (at most 65 characters)."""
-    shown = value[:60].encode("unicode_escape").decode("ascii")
-    if len(shown) > 60 or len(value) > 60:
-        shown = shown[:60] + "..."
-    return f"'{shown}'"
 
 
 def validate(name: object, value: object) -> None:
@@ -82,9 +76,9 @@ def validate(name: object, value: object) -> None:
     if not isinstance(value, str):
         raise TypeError(f"correlation ID {name!r} must be a str, not {type(value).__name__}")
     if len(name) > MAX_NAME_LENGTH:
-        raise ValueError(f"correlation ID name {_show(name)} is longer than {MAX_NAME_LENGTH} characters")
+        raise ValueError(f"correlation ID name {show(name)} is longer than {MAX_NAME_LENGTH} characters")
     if not _NAME.fullmatch(name):
-        raise ValueError(f"correlation ID name {_show(name)} is not an ASCII identifier")
+        raise ValueError(f"correlation ID name {show(name)} is not an ASCII identifier")
     if len(value) > MAX_VALUE_LENGTH:
         raise ValueError(
             f"correlation ID {name!r} is {len(value)} characters long; the limit is {MAX_VALUE_LENGTH}"
@@ -92,7 +86,7 @@ def validate(name: object, value: object) -> None:
     if not value.isprintable():
         raise ValueError(
             f"correlation ID {name!r} holds a control or non-printable character "
-            f"(which could forge a log line): {_show(value)}"
+            f"(which could forge a log line): {show(value)}"
         )
 
 
@@ -105,7 +99,8 @@ def correlation(context: Context | None = None) -> Mapping[str, str]:
     return cast("Mapping[str, str]", ids) if ids is not None else _EMPTY
 
 
-def _with_ids(ids: Mapping[str, str], context: Context | None = None) -> Context:
+def with_ids(ids: Mapping[str, str], context: Context | None = None) -> Context:
+    """A copy of ``context`` whose correlation IDs are ``ids``, unchecked (callers validated them)."""
     return _otel_context.set_value(CORRELATION_KEY, MappingProxyType(dict(ids)) if ids else None, context)
 
 
@@ -117,7 +112,7 @@ def merged(ids: Mapping[str, str], context: Context | None = None) -> Context:
     new = {**current, **ids}
     if len(new) > MAX_IDS:
         raise ValueError(f"binding {len(ids)} correlation IDs would exceed the limit of {MAX_IDS}")
-    return _with_ids(new, context)
+    return with_ids(new, context)
 
 
 def bind(**ids: str) -> Token[Context]:
@@ -147,7 +142,7 @@ def unbind(*names: str) -> Token[Context]:
     """
     current = correlation()
     remaining = {name: value for name, value in current.items() if name not in names}
-    return _otel_context.attach(_with_ids(remaining))
+    return _otel_context.attach(with_ids(remaining))
 
 
 def clear() -> Token[Context]:
@@ -155,7 +150,7 @@ def clear() -> Token[Context]:
 
     The current span, baggage and other context values are kept.
     """
-    return _otel_context.attach(_with_ids(_EMPTY))
+    return _otel_context.attach(with_ids(_EMPTY))
 
 
 #: The tokens of the ``bound()`` blocks entered and not yet left, innermost last, with their

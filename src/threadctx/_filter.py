@@ -15,7 +15,9 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from threadctx._compat import span_key
 from threadctx._correlation import CORRELATION_KEY
+from threadctx._text import printable
 from threadctx._vendors import (
     NAME_KEYS,
     PRESETS,
@@ -26,14 +28,12 @@ from threadctx._vendors import (
     gcp_project,
 )
 
-try:  # the key trace.get_current_span() reads; its call costs more than the read (once per context)
-    from opentelemetry.trace.propagation import _SPAN_KEY
-except ImportError:  # pragma: no cover - a future opentelemetry-api without it: use the public call
-    _SPAN_KEY = ""
+#: The key trace.get_current_span() reads; its call costs more than the read (once per context).
+_SPAN_KEY = span_key()
 
 __all__ = ["PRESETS", "ContextFilter", "FieldNames", "instrument_logging", "uninstrument_logging"]
 
-_MARKER = "_threadctx"
+MARKER = "_threadctx"
 """The filter's own mark on a record it stamped: trace id, span id and flags of the stamping context
 (32, 16 and 2 hex digits, one string), or ``"-"`` without a valid span.
 
@@ -48,15 +48,8 @@ _FLAGS = [format(flags, "02x") for flags in range(256)]
 _PLAIN_RECORD = vars(logging.LogRecord("n", logging.INFO, "p", 1, "m", None, None))
 #: How many attributes a record has before anything (extra=, a filter) adds one.
 _PLAIN_RECORD_SIZE = len(_PLAIN_RECORD)
-_RESERVED = frozenset(_PLAIN_RECORD) | {"message", "asctime"}
+RESERVED = frozenset(_PLAIN_RECORD) | {"message", "asctime"}
 _CACHE_SIZE = 512
-
-
-def _printable(text: str) -> str:
-    """``text`` with every non-printable character escaped, so a value cannot forge a line."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 class ContextFilter(logging.Filter):
@@ -149,7 +142,7 @@ class ContextFilter(logging.Filter):
         self.names = names
         self.prefix = prefix
         self.stamp_correlation = correlation
-        self.defaults = {str(key): _printable(str(value)) for key, value in (defaults or {}).items()}
+        self.defaults = {str(key): printable(str(value)) for key, value in (defaults or {}).items()}
         self.project_id = project_id
         self.service_name = service_name
         self.env = env
@@ -157,7 +150,7 @@ class ContextFilter(logging.Filter):
         # Service, env and version as written ("" until the resource is read, see _resolve).
         given = {"service": service_name, "env": env, "version": version}
         self._resource_values = {
-            what: _printable(value) if value is not None else ""
+            what: printable(value) if value is not None else ""
             for what, value in given.items()
             if getattr(names, what) is not None
         }
@@ -173,7 +166,7 @@ class ContextFilter(logging.Filter):
         self._missing = {
             key: value for key, value in zip(self._trace_names, placeholders, strict=True) if key is not None
         }
-        self._protected = _RESERVED | set(self._missing) | {_MARKER}
+        self._protected = RESERVED | set(self._missing) | {MARKER}
         self._protected |= {getattr(names, what) for what in self._resource_values}
         self._default_fields = {
             prefix + key: value for key, value in self.defaults.items() if prefix + key not in self._protected
@@ -201,7 +194,7 @@ class ContextFilter(logging.Filter):
             attributes.update(self._current())
             return True
         try:
-            stamp = attributes.get(_MARKER)
+            stamp = attributes.get(MARKER)
             if stamp is None or (record.thread == get_ident() and record.process == getpid()):
                 fields = self._current()
             else:  # stamped in another thread or process: its ids, not this thread's
@@ -233,7 +226,7 @@ class ContextFilter(logging.Filter):
         (without the filter's record mark).
         """
         found = self._current() if context is None else self._compute(context)
-        return {key: value for key, value in found.items() if key != _MARKER}
+        return {key: value for key, value in found.items() if key != MARKER}
 
     def _current(self) -> dict[str, Any]:
         """The (shared, cached) fields of the current context; placeholders if it can't be read."""
@@ -323,9 +316,9 @@ class ContextFilter(logging.Filter):
             key = prefix + name
             if key not in protected:  # never shadow the record's own attributes or the trace fields
                 # Values were validated by bind(); escaping again covers values set by other means.
-                out[key] = value if value.isprintable() else _printable(value)
+                out[key] = value if value.isprintable() else printable(value)
         if self._marks:
-            out[_MARKER] = stamp
+            out[MARKER] = stamp
         return out
 
     def _named(self, values: Mapping[str, str]) -> dict[str, str]:
@@ -350,7 +343,7 @@ class ContextFilter(logging.Filter):
             self._report("could not read the tracer provider's resource", exc)
             attributes = {}
         for what in self._unresolved:
-            self._resource_values[what] = _printable(from_resource(attributes, what) or "")
+            self._resource_values[what] = printable(from_resource(attributes, what) or "")
         self._static = self._named(self._resource_values)
         if self._wants_project:
             self._project = gcp_project(attributes)
@@ -371,7 +364,7 @@ class ContextFilter(logging.Filter):
         if what in self._reported:
             return
         self._reported.add(what)
-        cause = f" ({type(exc).__name__}: {_printable(str(exc))[:200]})" if exc is not None else ""
+        cause = f" ({type(exc).__name__}: {printable(str(exc))[:200]})" if exc is not None else ""
         consequence = consequence or "Records get placeholders."
         with contextlib.suppress(Exception):  # stderr itself failing: nothing left to tell
             sys.stderr.write(f"threadctx.ContextFilter: {what}{cause}; {consequence} Reported once.\n")

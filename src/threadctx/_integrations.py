@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
-from threadctx._filter import _MARKER, ContextFilter
+from threadctx._filter import MARKER, ContextFilter
 
 __all__ = ["loguru_patcher", "structlog_processor"]
 
@@ -15,7 +15,7 @@ _DEFAULT = ContextFilter()
 def _add_missing(target: MutableMapping[str, Any]) -> None:
     """Add the current fields to ``target``, keeping the keys it already has."""
     for key, value in _DEFAULT._current().items():
-        if key != _MARKER:  # the record mark is for logging records only
+        if key != MARKER:  # the record mark is for logging records only
             target.setdefault(key, value)
 
 

@@ -37,7 +37,7 @@ from opentelemetry.propagators.textmap import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from threadctx._correlation import MAX_IDS, _with_ids, correlation, validate
+from threadctx._correlation import MAX_IDS, correlation, validate, with_ids
 
 __all__ = [
     "BAGGAGE_MAX_BYTES",
@@ -56,7 +56,7 @@ BAGGAGE_MAX_MEMBERS: Final = 64
 BAGGAGE_MAX_BYTES: Final = 8192
 """Longest baggage header read from one carrier, in bytes (W3C Baggage, "Limits")."""
 
-_BAGGAGE = "baggage"
+BAGGAGE = "baggage"
 _TRACESTATE = "tracestate"
 _PROCESS_IDS = "threadctx-correlation"  # every correlation ID, in the application's own processes
 
@@ -123,7 +123,7 @@ def propagation_stats() -> dict[str, int]:
         return {key: _stats[key] for key in keys}
 
 
-def _count(key: str, n: int = 1) -> None:
+def count(key: str, n: int = 1) -> None:
     if n:
         with _stats_lock:
             _stats[key] += n
@@ -147,7 +147,7 @@ def _cut_baggage(values: list[str] | None) -> str | None:
         if member.isascii() and member.isprintable():
             kept.append(member)
             size += 1 + len(member)
-    _count("baggage_members_cut", len(members) - len(kept))
+    count("baggage_members_cut", len(members) - len(kept))
     return ",".join(kept) or None
 
 
@@ -159,7 +159,7 @@ class _CuttingGetter(Getter[C]):
 
     def get(self, carrier: C, key: str) -> list[str] | None:
         values = self._getter.get(carrier, key)
-        if key == _BAGGAGE:
+        if key == BAGGAGE:
             cut = _cut_baggage(values)
             return [cut] if cut else None
         if key == _TRACESTATE and values:
@@ -167,7 +167,7 @@ class _CuttingGetter(Getter[C]):
             # ones that could break a log line before it sees them.
             members = [member for value in values for member in value.split(",")]
             kept = [member for member in members if member.isascii() and member.isprintable()]
-            _count("tracestate_members_cut", len(members) - len(kept))
+            count("tracestate_members_cut", len(members) - len(kept))
             return [",".join(kept)] if kept else None
         return values
 
@@ -175,17 +175,17 @@ class _CuttingGetter(Getter[C]):
         return self._getter.keys(carrier)
 
 
-def _valid_ids(pairs: Mapping[str, object]) -> dict[str, str]:
+def valid_ids(pairs: Mapping[str, object]) -> dict[str, str]:
     ids: dict[str, str] = {}
     for name, value in pairs.items():
         try:
             validate(name, value)
         except (TypeError, ValueError):
-            _count("invalid_ids")
+            count("invalid_ids")
         else:
             ids[name] = str(value)  # validate checked that it is a str
     if len(ids) > MAX_IDS:
-        _count("invalid_ids", len(ids) - MAX_IDS)
+        count("invalid_ids", len(ids) - MAX_IDS)
         ids = dict(list(ids.items())[:MAX_IDS])
     return ids
 
@@ -206,7 +206,7 @@ def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[st
             name, sep, value = member.partition("=")
             if sep and (allowed is None or name in allowed):
                 pairs[name] = unquote(value)
-    return _valid_ids(pairs)
+    return valid_ids(pairs)
 
 
 _fields_cache: tuple[object, frozenset[str], frozenset[str]] = (None, frozenset(), frozenset())
@@ -228,7 +228,7 @@ def _propagator_fields(lowercase: bool = False) -> frozenset[str]:
 
 
 def _propagator_sends_baggage() -> bool:
-    return _BAGGAGE in _propagator_fields()
+    return BAGGAGE in _propagator_fields()
 
 
 def carries_context(
@@ -239,8 +239,8 @@ def carries_context(
     ``names``, the carrier's header names in lowercase if the caller has them, saves the lookups.
     """
     if names is not None:
-        return _BAGGAGE in names or not _propagator_fields(lowercase=True).isdisjoint(names)
-    if getter.get(carrier, _BAGGAGE) is not None:
+        return BAGGAGE in names or not _propagator_fields(lowercase=True).isdisjoint(names)
+    if getter.get(carrier, BAGGAGE) is not None:
         return True
     return any(getter.get(carrier, field) is not None for field in _propagator_fields())
 
@@ -343,8 +343,8 @@ def extract(
         incoming = {name: value for name, value in entries.items() if name in allowed}
     if not incoming:
         return extracted
-    ids = {**correlation(extracted), **_valid_ids(incoming)}
-    return _with_ids(dict(list(ids.items())[:MAX_IDS]), extracted)
+    ids = {**correlation(extracted), **valid_ids(incoming)}
+    return with_ids(dict(list(ids.items())[:MAX_IDS]), extracted)
 
 
 @contextmanager
@@ -402,4 +402,4 @@ def process_context(carrier: Mapping[str, str]) -> Context:
     cutting = _CuttingGetter(default_getter)
     context = _TRACE.extract(carrier, context=Context(), getter=cutting)
     context = _W3C_BAGGAGE.extract(carrier, context=context, getter=cutting)
-    return _with_ids(decode_ids(carrier.get(_PROCESS_IDS)), context)
+    return with_ids(decode_ids(carrier.get(_PROCESS_IDS)), context)

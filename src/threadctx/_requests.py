@@ -1,10 +1,13 @@
-"""The request-id policy that the WSGI and ASGI middlewares share.
+"""The request-id policy and the plumbing that every web adapter shares.
 
 One place decides, for a request, which context it runs in and which
 request id it gets: the header name, the rule a request id must pass (for
 whatever is echoed in a response header, from whichever source), the
-generator, the counters.  ``threadctx.wsgi`` and ``threadctx.asgi`` only
-read their server's headers and write the response header.
+generator, the counters.  ``threadctx.wsgi``, ``threadctx.asgi``,
+``threadctx.django`` and ``threadctx.flask`` only read their server's headers
+and write the response header.  Here too: the response body that is produced
+in the request's context (:class:`Body`), and the detection of an
+OpenTelemetry instrumentor that a middleware would wrap instead of going inside.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import inspect
 import re
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
-from typing import Final, TypeVar
+from importlib import import_module
+from typing import Any, Final, TypeVar
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -23,10 +27,21 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
-from threadctx._correlation import MAX_IDS, _show, _with_ids, correlation, merged, validate
-from threadctx._propagation import _BAGGAGE, _count, carries_context, extract
+from threadctx._compat import OTEL_INSTRUMENTED
+from threadctx._correlation import MAX_IDS, correlation, merged, validate, with_ids
+from threadctx._propagation import BAGGAGE, carries_context, count, extract
+from threadctx._text import show
 
-__all__ = ["REQUEST_ID", "RequestPolicy", "is_async_callable", "new_request_id", "warn_outside"]
+__all__ = [
+    "REQUEST_ID",
+    "Body",
+    "RequestPolicy",
+    "asgi_instrumentor_outside",
+    "is_async_callable",
+    "new_request_id",
+    "warn_outside",
+    "wsgi_instrumentor_outside",
+]
 
 REQUEST_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
 """A request id that may be taken from a client and sent back in a header."""
@@ -55,6 +70,84 @@ def warn_outside(kind: str, inside: str, stacklevel: int) -> None:
         f"instead: {inside}",
         stacklevel=stacklevel + 1,
     )
+
+
+def wsgi_instrumentor_outside(app: object) -> tuple[str, str] | None:
+    """What OpenTelemetry instrumentor a WSGI middleware around ``app`` would wrap, and where to go instead.
+
+    Returns:
+        ``(what it wraps, where to put it)`` for :func:`warn_outside`, or ``None``.
+    """
+    if type(app).__module__.startswith("opentelemetry.instrumentation.wsgi"):
+        return "OpenTelemetryMiddleware", "OpenTelemetryMiddleware(ContextMiddleware(app))"
+    if _flask_instrumented(app):
+        return "a Flask app under FlaskInstrumentor", "threadctx.flask.init_app(app)"
+    if _django_instrumented(app):
+        return "Django under DjangoInstrumentor", "threadctx.django.ContextMiddleware in MIDDLEWARE"
+    return None
+
+
+def asgi_instrumentor_outside(app: object) -> tuple[str, str] | None:
+    """What OpenTelemetry instrumentor an ASGI middleware around ``app`` would wrap (see the WSGI one)."""
+    if type(app).__module__.startswith("opentelemetry.instrumentation.asgi"):
+        return "OpenTelemetryMiddleware", "OpenTelemetryMiddleware(ContextMiddleware(app))"
+    if getattr(app, OTEL_INSTRUMENTED, False) is True:
+        return "an instrumented application", "app.add_middleware(ContextMiddleware)"
+    return None
+
+
+def _flask_instrumented(app: object) -> bool:
+    """A Flask app under FlaskInstrumentor, or its ``wsgi_app`` (the instrumentor's wrapper, or method)."""
+    if str(getattr(app, "__module__", "")).startswith("opentelemetry.instrumentation.flask"):
+        return True
+    owner = getattr(app, "__self__", app)
+    return type(owner).__module__.startswith("flask") and getattr(owner, OTEL_INSTRUMENTED, False) is True
+
+
+def _django_instrumented(app: object) -> bool:
+    """Django's WSGI handler, with OpenTelemetry's middleware in MIDDLEWARE."""
+    if not type(app).__module__.startswith("django.core.handlers"):
+        return False
+    settings = import_module("django.conf").settings  # Django ships no type information
+    middleware = getattr(settings, "MIDDLEWARE", None) or ()
+    return any(str(entry).startswith("opentelemetry.instrumentation.django") for entry in middleware)
+
+
+class Body:
+    """A response body, produced (and closed) in the request's context.
+
+    What the body binds itself stays bound for its next steps, as in any
+    generator; the server's thread gets its own context back between steps.
+    """
+
+    __slots__ = ("_context", "_iterable")
+
+    def __init__(self, iterable: Iterable[bytes], context: Context) -> None:
+        self._iterable = iterable
+        self._context = context
+
+    def _step(self, fn: Callable[[], Any]) -> Any:
+        token = otel_context.attach(self._context)
+        try:
+            return fn()
+        finally:
+            self._context = otel_context.get_current()
+            otel_context.detach(token)
+
+    def __iter__(self) -> Iterator[bytes]:
+        iterator: Iterator[bytes] = self._step(lambda: iter(self._iterable))
+        while True:
+            try:
+                chunk: bytes = self._step(lambda: next(iterator))
+            except StopIteration:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        """Close the wrapped body, in the request's context."""
+        close: Callable[[], Any] | None = getattr(self._iterable, "close", None)
+        if close is not None:
+            self._step(close)
 
 
 def _has_header(carrier: C, getter: Getter[C], names: AbstractSet[str] | None, header: str) -> bool:
@@ -110,14 +203,14 @@ class RequestPolicy:
         if carries_context(carrier, getter, names) or extracted_baggage:
             has_span = otel_trace.get_current_span(current).get_span_context().is_valid
             # Under a server span only the baggage is read: skip extract when there is none.
-            if not has_span or extracted_baggage or _has_header(carrier, getter, names, _BAGGAGE):
+            if not has_span or extracted_baggage or _has_header(carrier, getter, names, BAGGAGE):
                 context = extract(carrier, context=current, getter=getter, trace=not has_span)
         request_id = self._request_id(getter.get(carrier, self.header), context)
         ids = correlation(context)
         if len(ids) >= MAX_IDS:  # rare: let merged() say why it is refused
             return merged({self.name: request_id}, context), request_id
         # The name was validated when the policy was made, and the rule is stricter than validate().
-        return _with_ids({**ids, self.name: request_id}, context), request_id
+        return with_ids({**ids, self.name: request_id}, context), request_id
 
     def _request_id(self, incoming: list[str] | None, context: Context) -> str:
         if not self.trust_incoming:
@@ -126,18 +219,18 @@ class RequestPolicy:
             # One header, one valid value; anything else is counted and never logged.
             if len(incoming) == 1 and isinstance(incoming[0], str) and REQUEST_ID.fullmatch(incoming[0]):
                 return incoming[0]
-            _count("invalid_request_ids")
+            count("invalid_request_ids")
         # A caller that used threadctx.inject sent it as baggage: extract checked it only
         # as a correlation ID, and it is echoed in a header, so it passes the same rule.
         from_baggage = correlation(context).get(self.name)
         if from_baggage is not None:
             if REQUEST_ID.fullmatch(from_baggage):
                 return from_baggage
-            _count("invalid_request_ids")
+            count("invalid_request_ids")
         return self._generated()
 
     def _generated(self) -> str:
         request_id = self.generate()
         if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
-            raise ValueError(f"generate() made an invalid request id: {_show(str(request_id))}")
+            raise ValueError(f"generate() made an invalid request id: {show(str(request_id))}")
         return request_id

@@ -7,7 +7,7 @@ nothing) and keeps asyncio tasks isolated, with ``asyncio.to_thread`` and
 ``loop.run_in_executor`` behaving as with the default backend.
 
 How other threads see it (:func:`threadctx.snapshot`) depends on the reader
-in use (see ``_storage``).  With the compiled reader, ``snapshot()`` reads
+in use (see ``_current``).  With the compiled reader, ``snapshot()`` reads
 each thread's current context itself, and ``attach``/``detach`` are the
 ContextVar's own ``set``/``reset``.  Without it (no compiler at install time,
 a free-threaded build, or ``THREADCTX_PURE_PYTHON=1``), ``attach`` and
@@ -22,21 +22,19 @@ through the ``opentelemetry_context`` entry point while
 from __future__ import annotations
 
 import weakref
-from contextvars import ContextVar, Token
+from contextvars import Token
 
-from opentelemetry.context.context import Context, _RuntimeContext
+from opentelemetry.context.context import Context
 
-from threadctx import _storage
-from threadctx._storage import _local
+from threadctx import _current
+from threadctx._compat import RuntimeContext
+from threadctx._current import CURRENT
+from threadctx._storage import local
 
 __all__ = ["ThreadRuntimeContext"]
 
-#: Each thread's (and asyncio task's) current OpenTelemetry context.
-#: Context is a dict, but OpenTelemetry never mutates one after creating it.
-CURRENT: ContextVar[Context] = ContextVar("threadctx_current_context", default=Context())  # noqa: B039
 
-
-class ThreadRuntimeContext(_RuntimeContext):
+class ThreadRuntimeContext(RuntimeContext):
     """OpenTelemetry runtime context backed by threadctx's per-thread registry.
 
     Select it before OpenTelemetry is first imported::
@@ -60,7 +58,7 @@ class ThreadRuntimeContext(_RuntimeContext):
     def attach(self, context: Context) -> Token[Context]:
         """Make ``context`` current and return a token that restores the previous one."""
         token = CURRENT.set(context)
-        _local.state.context = context
+        local.state.context = context
         return token
 
     #: Return the current context of this thread or asyncio task. It is the
@@ -77,7 +75,7 @@ class ThreadRuntimeContext(_RuntimeContext):
         """
         CURRENT.reset(token)
         # None where the variable is unset again: the thread is back to no context at all.
-        _local.state.context = CURRENT.get(None)
+        local.state.context = CURRENT.get(None)
 
 
 _instances: weakref.WeakSet[ThreadRuntimeContext] = weakref.WeakSet()
@@ -90,7 +88,7 @@ def _choose_methods(runtime: ThreadRuntimeContext) -> None:
     ``self``; the class keeps the documented methods, which also write the
     mirror, for when the reader is not in use.
     """
-    if _storage.reader_in_use():
+    if _current.reader_in_use():
         runtime.__dict__.update(attach=CURRENT.set, detach=CURRENT.reset)
     else:
         runtime.__dict__.pop("attach", None)
@@ -102,6 +100,6 @@ def _use_reader(enabled: bool) -> None:
 
     Chosen once at import; tests and benchmarks switch between threads' lives.
     """
-    _storage.use_reader(enabled)
+    _current.use_reader(enabled)
     for runtime in list(_instances):
         _choose_methods(runtime)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import thread as _futures_thread
 from typing import Any, ParamSpec, TypeVar
 
 from opentelemetry import context as otel_context
 
 from threadctx._carry import in_context, run_in
+from threadctx._compat import OTEL_THREAD_CONTEXT, is_wrapt_proxy, serves_many
 
 __all__ = ["ContextThreadPoolExecutor", "Thread", "instrument_threading", "uninstrument_threading", "wrap"]
 
@@ -125,15 +124,6 @@ def _inherited(owner: type, name: str) -> Any:
     return next(base.__dict__[name] for base in owner.__mro__[1:] if name in base.__dict__)
 
 
-def _is_proxy(value: object) -> bool:
-    """Whether ``value`` is a wrapt proxy (what OpenTelemetry's instrumentors patch with)."""
-    wrapt = sys.modules.get("wrapt")
-    if wrapt is None:
-        return False
-    kinds = tuple(kind for kind in (getattr(wrapt, "BaseObjectProxy", None), wrapt.ObjectProxy) if kind)
-    return isinstance(value, kinds)
-
-
 def _is_inherited(owner: type, name: str, node: object) -> bool:
     """Whether ``node`` is a base class's own attribute ``name``.
 
@@ -146,7 +136,7 @@ def _is_inherited(owner: type, name: str, node: object) -> bool:
 
 def _install(owner: type, name: str, patch: Any) -> None:
     holder, node = None, owner.__dict__.get(name, _MISSING)
-    while _is_proxy(node) and not (holder is not None and _is_inherited(owner, name, node)):
+    while is_wrapt_proxy(node) and not (holder is not None and _is_inherited(owner, name, node)):
         if node.__wrapped__ is patch:
             return  # already in place beneath another instrumentor's proxy
         holder, node = node, node.__wrapped__
@@ -170,45 +160,13 @@ def _uninstall(owner: type, name: str, patch: Any) -> None:
             setattr(owner, name, original)
         return
     node = top
-    while _is_proxy(node) and not (node is not top and _is_inherited(owner, name, node)):
+    while is_wrapt_proxy(node) and not (node is not top and _is_inherited(owner, name, node)):
         if node.__wrapped__ is patch:
             node.__wrapped__ = _inherited(owner, name) if original is _MISSING else original
             return
         node = node.__wrapped__
     # Not found: something replaced it without keeping a reference we can
     # follow; the patch stays where it is, switched off.
-
-
-def _serves_many(thread: threading.Thread) -> bool:
-    """Whether ``thread`` is one of the standard library's long-lived helper threads.
-
-    They serve many callers (pool workers, a pool's task and result
-    handlers, a queue's feeder, a process pool's manager, a logging queue's
-    listener), so they start
-    with an empty context rather than the context of whichever caller
-    happened to create them.  Only modules already imported are looked at:
-    a thread cannot target a function that was never loaded.
-    """
-    target = getattr(thread, "_target", None)
-    if target is _futures_thread._worker:
-        return True
-    pool = sys.modules.get("multiprocessing.pool")
-    if pool is not None and target in (
-        pool.worker,
-        pool.Pool._handle_workers,
-        pool.Pool._handle_tasks,
-        pool.Pool._handle_results,
-    ):
-        return True
-    queues = sys.modules.get("multiprocessing.queues")
-    if queues is not None and target is queues.Queue._feed:
-        return True
-    handlers = sys.modules.get("logging.handlers")
-    if handlers is not None and getattr(target, "__func__", None) is handlers.QueueListener._monitor:
-        return True  # it handles every thread's records
-    process = sys.modules.get("concurrent.futures.process")
-    manager = getattr(process, "_ExecutorManagerThread", None)
-    return manager is not None and isinstance(thread, manager)
 
 
 class _RunInContext:
@@ -247,12 +205,12 @@ def _patched_start(owner: type[threading.Thread]) -> Callable[[threading.Thread]
         if not _enabled or isinstance(self, Thread) or isinstance(vars(self).get("run"), _RunInContext):
             original()
             return
-        context = otel_context.Context() if _serves_many(self) else otel_context.get_current()
-        if "_otel_context" in vars(self):
+        context = otel_context.Context() if serves_many(self) else otel_context.get_current()
+        if OTEL_THREAD_CONTEXT in vars(self):
             # OpenTelemetry's ThreadingInstrumentor (whose start wrapper is outside this one) noted
             # the caller's context for its Thread.run wrapper to attach inside ours: a helper thread
             # would get the request that created it after all. Both carry the one context chosen here.
-            self.__dict__["_otel_context"] = context
+            self.__dict__[OTEL_THREAD_CONTEXT] = context
         wrapper = _RunInContext(self, context)
         self.__dict__["run"] = wrapper
         try:

@@ -31,7 +31,13 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry.propagators.textmap import Getter
 
-from threadctx._requests import RequestPolicy, is_async_callable, new_request_id, warn_outside
+from threadctx._requests import (
+    RequestPolicy,
+    asgi_instrumentor_outside,
+    is_async_callable,
+    new_request_id,
+    warn_outside,
+)
 
 __all__ = ["ContextMiddleware", "ScopeGetter", "new_request_id"]
 
@@ -141,10 +147,9 @@ class ContextMiddleware:
             trust_incoming=trust_incoming,
             response_header=response_header,
         )
-        if type(app).__module__.startswith("opentelemetry.instrumentation.asgi"):
-            warn_outside("OpenTelemetryMiddleware", "OpenTelemetryMiddleware(ContextMiddleware(app))", 2)
-        elif getattr(app, "_is_instrumented_by_opentelemetry", False) is True:
-            warn_outside("an instrumented application", "app.add_middleware(ContextMiddleware)", 2)
+        outside = asgi_instrumentor_outside(app)
+        if outside is not None:
+            warn_outside(*outside, 2)
         self.app = app
         self._header = header.lower().encode("latin-1")
 

@@ -41,8 +41,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate as otel_propagate
 from opentelemetry.propagators.textmap import Getter
 
+from threadctx._compat import CELERY_TRACER_SITES
 from threadctx._correlation import correlation, merged
-from threadctx._propagation import _valid_ids, decode_ids, encode_ids, extract, propagated
+from threadctx._propagation import decode_ids, encode_ids, extract, propagated, valid_ids
 
 __all__ = ["HEADER", "instrument", "is_instrumented", "uninstrument"]
 
@@ -52,9 +53,6 @@ HEADER = "threadctx_correlation"
 A header of its own, not ``baggage``: OpenTelemetry's Celery instrumentation
 writes ``baggage`` too, and would replace them.
 """
-
-_TRACER_SITES = ("celery.app.trace", "celery.worker.consumer.consumer")
-"""Modules whose ``build_tracer`` Celery calls: its own (pools, ``Task.apply``) and the consumer's copy."""
 
 _apps: weakref.WeakSet[Celery] = weakref.WeakSet()
 _lock = threading.Lock()
@@ -101,7 +99,7 @@ def _task_context(task: Task[Any, Any], task_id: object, request: Mapping[str, A
     if task_id:
         ids["task_id"] = task_id
     ids["task_name"] = task.name
-    return merged(_valid_ids(ids), context)
+    return merged(valid_ids(ids), context)
 
 
 def _build_tracer(name: str, task: Task[Any, Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -212,7 +210,7 @@ def instrument(app: Celery) -> None:
             # worker call the task object (not task.run) for every task: that is
             # what lets the body bind the IDs again under OpenTelemetry's span.
             Task.__call__ = _call  # type: ignore[method-assign]
-            for site in _TRACER_SITES:
+            for site in CELERY_TRACER_SITES:
                 module = importlib.import_module(site)
                 if _original_build_tracer is None:
                     _original_build_tracer = module.build_tracer
@@ -237,7 +235,7 @@ def uninstrument(app: Celery) -> None:
             signal.disconnect(receiver, dispatch_uid=f"threadctx.celery.{receiver.__name__}")
         if _original_call is not None and Task.__dict__.get("__call__") is _call:
             Task.__call__ = _original_call  # type: ignore[method-assign]
-        for site in _TRACER_SITES:
+        for site in CELERY_TRACER_SITES:
             module = importlib.import_module(site)
             if getattr(module, "build_tracer", None) is _build_tracer:
                 setattr(module, "build_tracer", _original_build_tracer)  # noqa: B010 - the stubs lack it

@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 
 from opentelemetry import context as otel_context
 
-from threadctx._requests import RequestPolicy, new_request_id
-from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter, _Body
+from threadctx._requests import Body, RequestPolicy, new_request_id
+from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
 
 __all__ = ["ContextMiddleware"]
 
@@ -93,7 +93,7 @@ class ContextMiddleware:
             and not getattr(response, "is_async", False)
             and getattr(response, "file_to_stream", None) is None
         ):
-            response.streaming_content = _Body(response.streaming_content, context)
+            response.streaming_content = Body(response.streaming_content, context)
         return response
 
 

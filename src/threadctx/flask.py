@@ -30,16 +30,15 @@ import flask
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from threadctx._requests import RequestPolicy, new_request_id
-from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter, _Body
+from threadctx._compat import FLASK_OTEL_SPAN, FLASK_OTEL_STARTED
+from threadctx._requests import Body, RequestPolicy, new_request_id
+from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
 
 __all__ = ["init_app"]
 
 _GETTER = EnvironGetter()
 _TOKEN = "threadctx.token"
 _REQUEST_ID = "threadctx.request_id"
-_OTEL_STARTED = "opentelemetry-flask.starttime_key"  # what FlaskInstrumentor leaves in the environ
-_OTEL_SPAN = "opentelemetry-flask.span_key"
 
 
 def _otel_excluded(url: str) -> bool:
@@ -94,7 +93,8 @@ def init_app(
         # The instrumentor's WSGI wrapper ran (it notes the start time) but its before_request
         # hook, which notes the span, has not: it was registered after this one. Move behind
         # it: Flask is iterating the list of hooks, and will call what is appended to it.
-        if _OTEL_STARTED in environ and _OTEL_SPAN not in environ and not _otel_excluded(flask.request.url):
+        instrumentor_pending = FLASK_OTEL_STARTED in environ and FLASK_OTEL_SPAN not in environ
+        if instrumentor_pending and not _otel_excluded(flask.request.url):
             with lock:
                 if not moved:
                     app.before_request_funcs.setdefault(None, []).append(bind_now)
@@ -127,7 +127,7 @@ def init_app(
     app.teardown_request(unbind)
 
 
-class _Streamed(_Body):
+class _Streamed(Body):
     """A streamed response body, produced (and closed) in the request's context.
 
     Only where the request's own binding is gone (``unbind`` ran when Flask

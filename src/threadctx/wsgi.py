@@ -17,19 +17,24 @@ incoming headers and this one binds the request id under that span::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry.propagators.textmap import Getter
 
-from threadctx._requests import RequestPolicy, is_async_callable, new_request_id, warn_outside
+from threadctx._requests import (
+    Body,
+    RequestPolicy,
+    is_async_callable,
+    new_request_id,
+    warn_outside,
+    wsgi_instrumentor_outside,
+)
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-    from opentelemetry.context import Context
 
 __all__ = ["ENVIRON_CONTEXT", "ContextMiddleware", "EnvironGetter", "new_request_id"]
 
@@ -119,14 +124,9 @@ class ContextMiddleware:
             trust_incoming=trust_incoming,
             response_header=response_header,
         )
-        if type(app).__module__.startswith("opentelemetry.instrumentation.wsgi"):
-            warn_outside("OpenTelemetryMiddleware", "OpenTelemetryMiddleware(ContextMiddleware(app))", 2)
-        elif _flask_instrumented(app):
-            warn_outside("a Flask app under FlaskInstrumentor", "threadctx.flask.init_app(app)", 2)
-        elif _django_instrumented(app):
-            warn_outside(
-                "Django under DjangoInstrumentor", "threadctx.django.ContextMiddleware in MIDDLEWARE", 2
-            )
+        outside = wsgi_instrumentor_outside(app)
+        if outside is not None:
+            warn_outside(*outside, 2)
         self.app = app
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -147,27 +147,7 @@ class ContextMiddleware:
         file_wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
             return body  # the server may sendfile() it; only the file is read
-        return _Body(body, context)
-
-
-def _flask_instrumented(app: object) -> bool:
-    """A Flask app under FlaskInstrumentor, or its ``wsgi_app`` (the instrumentor's wrapper, or method)."""
-    if str(getattr(app, "__module__", "")).startswith("opentelemetry.instrumentation.flask"):
-        return True
-    owner = getattr(app, "__self__", app)
-    return (
-        type(owner).__module__.startswith("flask")
-        and getattr(owner, "_is_instrumented_by_opentelemetry", False) is True
-    )
-
-
-def _django_instrumented(app: object) -> bool:
-    """Django's WSGI handler, with OpenTelemetry's middleware in MIDDLEWARE."""
-    if not type(app).__module__.startswith("django.core.handlers"):
-        return False
-    settings = import_module("django.conf").settings  # Django ships no type information
-    middleware = getattr(settings, "MIDDLEWARE", None) or ()
-    return any(str(entry).startswith("opentelemetry.instrumentation.django") for entry in middleware)
+        return Body(body, context)
 
 
 class _AddHeader:
@@ -185,39 +165,3 @@ class _AddHeader:
         if not any(name.lower() == lower for name, _ in headers):
             headers = [*headers, (self.header, self.value)]
         return self.start_response(status, headers, exc_info)
-
-
-class _Body:
-    """The response body, produced (and closed) in the request's context.
-
-    What the body binds itself stays bound for its next steps, as in any
-    generator; the server's thread gets its own context back between steps.
-    """
-
-    __slots__ = ("_context", "_iterable")
-
-    def __init__(self, iterable: Iterable[bytes], context: Context) -> None:
-        self._iterable = iterable
-        self._context = context
-
-    def _step(self, fn: Callable[[], Any]) -> Any:
-        token = otel_context.attach(self._context)
-        try:
-            return fn()
-        finally:
-            self._context = otel_context.get_current()
-            otel_context.detach(token)
-
-    def __iter__(self) -> Iterator[bytes]:
-        iterator: Iterator[bytes] = self._step(lambda: iter(self._iterable))
-        while True:
-            try:
-                chunk: bytes = self._step(lambda: next(iterator))
-            except StopIteration:
-                return
-            yield chunk
-
-    def close(self) -> None:
-        close: Callable[[], Any] | None = getattr(self._iterable, "close", None)
-        if close is not None:
-            self._step(close)

@@ -23,11 +23,12 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from threadctx._carry import run_in
-from threadctx._dump import _stack, current_frames, describe_span
-from threadctx._filter import _RESERVED, _printable
-from threadctx._storage import ThreadSnapshot, _warn_if_foreign_runtime, snapshot
+from threadctx._filter import RESERVED
+from threadctx._ops.report import current_frames, describe_span, stack
+from threadctx._snapshot import ThreadSnapshot, snapshot, warn_if_foreign_runtime
+from threadctx._text import printable
 
-__all__ = ["Watchdog", "start_watchdog"]
+__all__ = ["Ages", "Watchdog", "start_watchdog"]
 
 _THREAD_NAME = "threadctx-watchdog"
 _FRAMES = 8
@@ -39,7 +40,7 @@ _own_threads: set[int] = set()
 _SpanKey = tuple[int, str, str | None]
 
 
-class _Ages:
+class Ages:
     """How long each thread has served its current span.
 
     From the span's start where the snapshot knows it (SDK spans); else from
@@ -87,14 +88,14 @@ class Watchdog:
         #: Where the warnings go.
         self.logger = logger
         self._reported: set[_SpanKey] = set()
-        self._ages = _Ages()
+        self._ages = Ages()
         self._failed = False
         self._start()
 
     def _start(self) -> None:
         """Start the thread (also in a forked child, whose copy of the old one's lock may be held)."""
         self._stopping = threading.Event()
-        # In an empty context, whatever its starter's (see _dump._LogThread.start).
+        # In an empty context, whatever its starter's (see _ops.signal._LogThread.start).
         self._thread = threading.Thread(
             target=run_in, args=(Context(), self._run), name=_THREAD_NAME, daemon=True
         )
@@ -125,15 +126,15 @@ class Watchdog:
         try:
             for entry, key, age in new:
                 self._reported.add(key)
-                self._warn(entry, age, _stack(frames.get(entry.thread_id), _FRAMES, source=True))
+                self._warn(entry, age, stack(frames.get(entry.thread_id), _FRAMES, source=True))
         finally:
             del frames  # this thread's own frame is among them: no cycle left behind
 
     def _warn(self, entry: ThreadSnapshot, age: float, stack: list[str]) -> None:
         extra: dict[str, object] = {"trace_id": entry.trace_id, "span_id": entry.span_id}
         for name, value in entry.correlation.items():
-            if name not in _RESERVED:  # a record's own attributes can't be given in extra=
-                extra.setdefault(name, _printable(value))
+            if name not in RESERVED:  # a record's own attributes can't be given in extra=
+                extra.setdefault(name, printable(value))
         # Nor can what a LogRecord factory sets (logging raises KeyError): that stays as it is.
         made = vars(logging.getLogRecordFactory()(self.logger.name, logging.WARNING, "", 0, "", (), None))
         extra = {name: value for name, value in extra.items() if name not in made}
@@ -144,7 +145,7 @@ class Watchdog:
         try:
             self.logger.warning(
                 'thread "%s" (ident=%d) has served its span for %.1fs (threshold %gs)\n%s',
-                _printable(entry.name),
+                printable(entry.name),
                 entry.thread_id,
                 age,
                 self.threshold,
@@ -163,7 +164,7 @@ class Watchdog:
         with contextlib.suppress(Exception):
             sys.stderr.write(
                 f"threadctx watchdog: a look failed ({type(error).__name__}: "
-                f"{_printable(str(error))[:200]}); it keeps watching\n"
+                f"{printable(str(error))[:200]}); it keeps watching\n"
             )
 
     @property
@@ -257,7 +258,7 @@ def start_watchdog(
         interval = threshold / 4
     if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval > 0):
         raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
-    _warn_if_foreign_runtime()
+    warn_if_foreign_runtime()
     if logger is None or isinstance(logger, str):
         logger = logging.getLogger(logger or "threadctx.watchdog")
     for running in _running[:]:  # one per process: this one replaces it

@@ -10,8 +10,9 @@ from collections.abc import Iterable
 
 from opentelemetry import metrics
 
-from threadctx._storage import _warn_if_foreign_runtime, snapshot
-from threadctx._watchdog import _Ages
+from threadctx._ops.watchdog import Ages
+from threadctx._snapshot import snapshot, warn_if_foreign_runtime
+from threadctx._version import __version__
 
 __all__ = ["instrument_metrics"]
 
@@ -23,7 +24,7 @@ class _Observer:
     """Both instruments' callbacks; each reads a snapshot of its own, with one memory of first sightings."""
 
     def __init__(self) -> None:
-        self._ages = _Ages()
+        self._ages = Ages()
 
     def busy(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
         return [metrics.Observation(len(self._ages.busy(snapshot(), time.time())))]
@@ -54,15 +55,13 @@ def instrument_metrics(meter_provider: metrics.MeterProvider | None = None) -> N
 
     .. versionadded:: 0.2.0
     """
-    _warn_if_foreign_runtime()
+    warn_if_foreign_runtime()
     provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
     with _lock:
         if provider in _instrumented:
             return
         with contextlib.suppress(TypeError):  # a provider without weak references: no memory of it
             _instrumented.add(provider)
-    from threadctx import __version__
-
     meter = provider.get_meter("threadctx", __version__)
     observer = _Observer()
     meter.create_observable_up_down_counter(
