@@ -16,66 +16,74 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-# Only modules that do not import ``opentelemetry.trace`` at import time are
-# imported eagerly: this package is loaded through the
-# ``opentelemetry_context`` entry point while ``opentelemetry.context`` is
-# still being imported.
-from threadctx._correlation import (
-    MAX_IDS,
-    MAX_NAME_LENGTH,
-    MAX_VALUE_LENGTH,
-    bind,
-    bound,
-    clear,
-    correlation,
-    unbind,
-)
-from threadctx._runtime import ThreadRuntimeContext
-from threadctx._snapshot import ThreadSnapshot, snapshot
-from threadctx._storage import delete_thread_storage, get_thread_storage
-from threadctx._version import __version__
+# Type checkers cannot read the table below: each public name is also imported from its module, as
+# ``name as name`` (an explicit re-export). Eagerly only from modules that do not import
+# ``opentelemetry.trace`` at import time: this package is loaded through the
+# ``opentelemetry_context`` entry point while ``opentelemetry.context`` is still being imported.
+from threadctx._correlation import MAX_IDS as MAX_IDS
+from threadctx._correlation import MAX_NAME_LENGTH as MAX_NAME_LENGTH
+from threadctx._correlation import MAX_VALUE_LENGTH as MAX_VALUE_LENGTH
+from threadctx._correlation import bind as bind
+from threadctx._correlation import bound as bound
+from threadctx._correlation import clear as clear
+from threadctx._correlation import correlation as correlation
+from threadctx._correlation import unbind as unbind
+from threadctx._runtime import ThreadRuntimeContext as ThreadRuntimeContext
+from threadctx._snapshot import ThreadSnapshot as ThreadSnapshot
+from threadctx._snapshot import snapshot as snapshot
+from threadctx._storage import delete_thread_storage as delete_thread_storage
+from threadctx._storage import get_thread_storage as get_thread_storage
+from threadctx._version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from threadctx._filter import ContextFilter, instrument_logging, uninstrument_logging
-    from threadctx._integrations import loguru_patcher, structlog_processor
-    from threadctx._ops.metrics import instrument_metrics
-    from threadctx._ops.report import dump
-    from threadctx._ops.signal import install_dump_signal
-    from threadctx._ops.watchdog import Watchdog, start_watchdog
-    from threadctx._processes import ContextProcessPoolExecutor, wrap_process
-    from threadctx._propagation import (
-        BAGGAGE_MAX_BYTES,
-        BAGGAGE_MAX_MEMBERS,
-        attached,
-        extract,
-        inject,
-        propagate,
-        propagated,
-        propagation_stats,
-    )
-    from threadctx._threads import (
-        ContextThreadPoolExecutor,
-        Thread,
-        instrument_threading,
-        uninstrument_threading,
-        wrap,
-    )
-    from threadctx._vendors import PRESETS, FieldNames
+    from threadctx._filter import ContextFilter as ContextFilter
+    from threadctx._filter import instrument_logging as instrument_logging
+    from threadctx._filter import uninstrument_logging as uninstrument_logging
+    from threadctx._integrations import loguru_patcher as loguru_patcher
+    from threadctx._integrations import structlog_processor as structlog_processor
+    from threadctx._ops.metrics import instrument_metrics as instrument_metrics
+    from threadctx._ops.report import dump as dump
+    from threadctx._ops.signal import install_dump_signal as install_dump_signal
+    from threadctx._ops.watchdog import Watchdog as Watchdog
+    from threadctx._ops.watchdog import start_watchdog as start_watchdog
+    from threadctx._processes import ContextProcessPoolExecutor as ContextProcessPoolExecutor
+    from threadctx._processes import wrap_process as wrap_process
+    from threadctx._propagation import BAGGAGE_MAX_BYTES as BAGGAGE_MAX_BYTES
+    from threadctx._propagation import BAGGAGE_MAX_MEMBERS as BAGGAGE_MAX_MEMBERS
+    from threadctx._propagation import attached as attached
+    from threadctx._propagation import extract as extract
+    from threadctx._propagation import inject as inject
+    from threadctx._propagation import propagate as propagate
+    from threadctx._propagation import propagated as propagated
+    from threadctx._propagation import propagation_stats as propagation_stats
+    from threadctx._threads import ContextThreadPoolExecutor as ContextThreadPoolExecutor
+    from threadctx._threads import Thread as Thread
+    from threadctx._threads import instrument_threading as instrument_threading
+    from threadctx._threads import uninstrument_threading as uninstrument_threading
+    from threadctx._threads import wrap as wrap
+    from threadctx._vendors import PRESETS as PRESETS
+    from threadctx._vendors import FieldNames as FieldNames
 
-# Names whose modules import opentelemetry.trace: loaded on first use.
-_LAZY = {
-    "dump": "threadctx._ops.report",
-    "install_dump_signal": "threadctx._ops.signal",
-    "PRESETS": "threadctx._vendors",
-    "ContextFilter": "threadctx._filter",
-    "FieldNames": "threadctx._vendors",
-    "instrument_logging": "threadctx._filter",
-    "uninstrument_logging": "threadctx._filter",
-    "loguru_patcher": "threadctx._integrations",
-    "structlog_processor": "threadctx._integrations",
-    "instrument_metrics": "threadctx._ops.metrics",
-    "ContextProcessPoolExecutor": "threadctx._processes",
-    "wrap_process": "threadctx._processes",
+# Every public name and the module that defines it, in one table: it drives lazy loading
+# (__getattr__), __all__ and dir(). tests/test_exports.py fails when the imports above and the
+# table disagree.
+_EXPORTS: dict[str, str] = {
+    "__version__": "threadctx._version",
+    # Imported eagerly (above).
+    "ThreadRuntimeContext": "threadctx._runtime",
+    "get_thread_storage": "threadctx._storage",
+    "delete_thread_storage": "threadctx._storage",
+    "ThreadSnapshot": "threadctx._snapshot",
+    "snapshot": "threadctx._snapshot",
+    "MAX_IDS": "threadctx._correlation",
+    "MAX_NAME_LENGTH": "threadctx._correlation",
+    "MAX_VALUE_LENGTH": "threadctx._correlation",
+    "bind": "threadctx._correlation",
+    "bound": "threadctx._correlation",
+    "clear": "threadctx._correlation",
+    "correlation": "threadctx._correlation",
+    "unbind": "threadctx._correlation",
+    # Lazy: loaded on first use.
     "BAGGAGE_MAX_BYTES": "threadctx._propagation",
     "BAGGAGE_MAX_MEMBERS": "threadctx._propagation",
     "attached": "threadctx._propagation",
@@ -89,13 +97,27 @@ _LAZY = {
     "instrument_threading": "threadctx._threads",
     "uninstrument_threading": "threadctx._threads",
     "wrap": "threadctx._threads",
+    "ContextProcessPoolExecutor": "threadctx._processes",
+    "wrap_process": "threadctx._processes",
+    "PRESETS": "threadctx._vendors",
+    "FieldNames": "threadctx._vendors",
+    "ContextFilter": "threadctx._filter",
+    "instrument_logging": "threadctx._filter",
+    "uninstrument_logging": "threadctx._filter",
+    "loguru_patcher": "threadctx._integrations",
+    "structlog_processor": "threadctx._integrations",
+    "dump": "threadctx._ops.report",
+    "install_dump_signal": "threadctx._ops.signal",
     "Watchdog": "threadctx._ops.watchdog",
     "start_watchdog": "threadctx._ops.watchdog",
+    "instrument_metrics": "threadctx._ops.metrics",
 }
+
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - from the table; the imports above re-export explicitly
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
+    module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'threadctx' has no attribute {name!r}")
     value = getattr(import_module(module), name)
@@ -105,48 +127,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-__all__ = [
-    "BAGGAGE_MAX_BYTES",
-    "BAGGAGE_MAX_MEMBERS",
-    "MAX_IDS",
-    "MAX_NAME_LENGTH",
-    "MAX_VALUE_LENGTH",
-    "PRESETS",
-    "ContextFilter",
-    "ContextProcessPoolExecutor",
-    "ContextThreadPoolExecutor",
-    "FieldNames",
-    "Thread",
-    "ThreadRuntimeContext",
-    "ThreadSnapshot",
-    "Watchdog",
-    "__version__",
-    "attached",
-    "bind",
-    "bound",
-    "clear",
-    "correlation",
-    "delete_thread_storage",
-    "dump",
-    "extract",
-    "get_thread_storage",
-    "inject",
-    "install_dump_signal",
-    "instrument_logging",
-    "instrument_metrics",
-    "instrument_threading",
-    "loguru_patcher",
-    "propagate",
-    "propagated",
-    "propagation_stats",
-    "snapshot",
-    "start_watchdog",
-    "structlog_processor",
-    "unbind",
-    "uninstrument_logging",
-    "uninstrument_threading",
-    "wrap",
-    "wrap_process",
-]
