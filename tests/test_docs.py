@@ -135,6 +135,9 @@ def test_the_operations_page_prints_what_it_shows(tmp_path: Path) -> None:
     assert masked(warning) in printed
     assert "busy threads: 1\n" in shown
     assert "busy threads: 1\n" in result.stdout
+    threadz_row = "worker-9 charge card {'request_id': 'req-17'} True\n"
+    assert threadz_row in shown
+    assert threadz_row in result.stdout
     (report,) = [block for block in shown if block.startswith("threadctx dump: 2 threads")]
     for part in (report, result.stdout):
         assert re.findall(r'^Thread "([^"]+)"', part, re.M) == ["worker-7", "MainThread"]

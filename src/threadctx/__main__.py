@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
 import os
 import signal
 import sys
@@ -16,7 +18,10 @@ from threadctx._ops.exchange import (
     report_path,
     request_path,
     runtime_dir,
+    snapshot_path,
+    snapshot_request_path,
 )
+from threadctx._ops.table import DEFAULT_THRESHOLD
 
 _HELP = f"""\
 Ask a running Python process what each of its threads is doing: its request, span,
@@ -35,6 +40,13 @@ _POLL = 0.02
 
 class CommandError(Exception):
     """What went wrong, in words for the operator."""
+
+
+class ProcessEndedError(CommandError):
+    """The process asked has ended."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(f"process {pid} has ended")
 
 
 def _signal_named(name: str) -> signal.Signals:
@@ -114,12 +126,22 @@ def dump_command(pid: int, signum: signal.Signals, timeout: float, force: bool) 
             signal, or did not answer within ``timeout`` seconds.
     """
     _check_process(pid, signum, force)
+    directory = _directory()
+    return _ask(pid, signum, timeout, request_path(directory, pid), report_path(directory, pid))
+
+
+def _directory() -> str:
     directory = runtime_dir()
     try:
         check_private_dir(directory, create=True)
     except RuntimeDirError as error:
         raise CommandError(str(error)) from None
-    request, report = request_path(directory, pid), report_path(directory, pid)
+    return directory
+
+
+def _ask(pid: int, signum: signal.Signals, timeout: float, request: str, report: str) -> str:
+    """Leave ``request``, signal ``pid``, and return what it writes to ``report`` within ``timeout`` s."""
+    directory = os.path.dirname(request)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(report)
     _create_request(request)
@@ -127,6 +149,8 @@ def dump_command(pid: int, signum: signal.Signals, timeout: float, force: bool) 
         os.kill(pid, signum)
     except OSError as error:
         os.unlink(request)
+        if isinstance(error, ProcessLookupError):
+            raise ProcessEndedError(pid) from None
         raise CommandError(f"could not signal process {pid}: {error.strerror}") from None
     deadline = time.monotonic() + timeout
     while True:
@@ -142,12 +166,85 @@ def dump_command(pid: int, signum: signal.Signals, timeout: float, force: bool) 
         raise CommandError(
             f"process {pid} took the request but wrote no report to {directory} within {timeout:g}s"
         ) from None
+    if not _alive(pid):
+        raise ProcessEndedError(pid)
     raise CommandError(
         f"process {pid} did not answer within {timeout:g}s: it catches {signum.name}, but not with "
         f"threadctx.install_dump_signal() (another handler?), or its main thread has not run Python "
         f"since (signal handlers run there), or it sees another {directory} (another "
         f"{RUNTIME_DIR_ENV}, a private /tmp)"
     )
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc: the signal test is all there is
+
+
+def top_command(args: argparse.Namespace) -> int:
+    """``python -m threadctx top PID``: the live view, or one plain table."""
+    from threadctx._ops import top as _top
+    from threadctx._ops.table import FirstSeen, Row
+
+    _check_process(args.pid, args.signal, args.force)
+    directory = _directory()
+    me = os.getpid()
+    answer = snapshot_path(directory, args.pid, me)
+    ages = FirstSeen()
+
+    def fetch(stacks: bool) -> _top.Snapshot:
+        request = snapshot_request_path(directory, args.pid, me, stacks=stacks)
+        text = _ask(args.pid, args.signal, args.timeout, request, answer)
+        try:
+            data = json.loads(text)
+            rows = [Row.from_json(item) for item in data["threads"]]
+        except (ValueError, KeyError, TypeError) as error:
+            raise CommandError(f"process {args.pid} answered something else than rows: {error}") from None
+        note = data.get("foreign_runtime")
+        return _top.Snapshot(rows=ages.fill(rows), foreign_runtime=note if isinstance(note, str) else None)
+
+    if args.once or not sys.stdout.isatty():
+        sys.stdout.write(_top.plain(fetch(False), args.threshold))
+        return 0
+    try:
+        _top.run(fetch, args.pid, args.interval, args.threshold)
+    except ProcessEndedError as ended:  # the terminal is back to normal: say so there
+        print(f"python -m threadctx top: {ended}")
+    return 0
+
+
+_TOP_HELP = f"""\
+A live view of a running Python process: one row per thread serving a request (its
+age, name, trace id, span name and correlation IDs), the oldest first, refreshed
+every second; rows past the threshold are marked with "!". Keys: up/down or j/k
+select a row, Enter shows that thread's stack, q quits.
+
+With --once, or when standard output is not a terminal, it prints the table once.
+It asks the process as `dump` does (install_dump_signal(), the same user, files in
+${RUNTIME_DIR_ENV}, else /run/user/UID/threadctx, else /tmp/threadctx-UID).
+
+Example: python -m threadctx top 41200
+"""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,28 +259,46 @@ def main(argv: list[str] | None = None) -> int:
         description=_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    dump.add_argument("pid", type=int, metavar="PID", help="the process id")
-    dump.add_argument(
-        "--signal",
-        type=_signal_named,
-        default="USR1",
-        help="the signal given to install_dump_signal() (default: USR1)",
+    top = commands.add_parser(
+        "top",
+        help="a live view of the requests each thread of a running process serves",
+        description=_TOP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    dump.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for the report (default: 10)"
+    for command in (dump, top):
+        command.add_argument("pid", type=int, metavar="PID", help="the process id")
+        command.add_argument(
+            "--signal",
+            type=_signal_named,
+            default="USR1",
+            help="the signal given to install_dump_signal() (default: USR1)",
+        )
+        command.add_argument(
+            "--timeout", type=_seconds, default=10.0, help="seconds to wait for an answer (default: 10)"
+        )
+        command.add_argument(
+            "--force",
+            action="store_true",
+            help="send the signal even where it can't be told that the process catches it (no /proc)",
+        )
+    top.add_argument("--interval", type=_seconds, default=1.0, help="seconds between looks (default: 1)")
+    top.add_argument(
+        "--threshold",
+        type=_seconds,
+        default=DEFAULT_THRESHOLD,
+        help=f"mark requests served longer than this, in seconds (default: {DEFAULT_THRESHOLD:g}, "
+        "the watchdog's)",
     )
-    dump.add_argument(
-        "--force",
-        action="store_true",
-        help="send the signal even where it can't be told that the process catches it (no /proc)",
-    )
+    top.add_argument("--once", action="store_true", help="print the table once, without the live view")
     args = parser.parse_args(argv)
     if args.pid <= 0:
-        dump.error(f"PID must be a positive process id, not {args.pid}")
+        (top if args.command == "top" else dump).error(f"PID must be a positive process id, not {args.pid}")
     try:
+        if args.command == "top":
+            return top_command(args)
         report = dump_command(args.pid, args.signal, args.timeout, args.force)
     except CommandError as error:
-        print(f"python -m threadctx dump: error: {error}", file=sys.stderr)
+        print(f"python -m threadctx {args.command}: error: {error}", file=sys.stderr)
         return 1
     sys.stdout.write(report)
     return 0

@@ -1,4 +1,4 @@
-"""The file exchange with ``python -m threadctx dump PID``: a request file and a report file.
+"""The file exchange with ``python -m threadctx dump PID`` and ``top PID``: request and answer files.
 
 Both live in a directory that only this user can enter; the command (``threadctx.__main__``)
 writes the request and reads the report, the process answers from its signal handler.
@@ -7,10 +7,15 @@ writes the request and reads the report, the process answers from its signal han
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import stat
+from collections.abc import Callable
 
 from threadctx._ops.report import report
+from threadctx._ops.table import rows_of, serving_stacks
+from threadctx._snapshot import foreign_runtime, snapshot
 
 __all__ = [
     "RUNTIME_DIR_ENV",
@@ -20,6 +25,8 @@ __all__ = [
     "report_path",
     "request_path",
     "runtime_dir",
+    "snapshot_path",
+    "snapshot_request_path",
     "write_fd",
 ]
 
@@ -92,8 +99,22 @@ def report_path(directory: str, pid: int) -> str:
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
+def snapshot_request_path(directory: str, pid: int, requester: int, *, stacks: bool = False) -> str:
+    """Where ``requester`` (``python -m threadctx top``) asks process ``pid`` for its rows as JSON.
+
+    With ``stacks``, each row comes with its thread's stack: ``sys._current_frames()`` then runs in
+    the process, so ``top`` asks for them only while it shows one.
+    """
+    return os.path.join(directory, f"snapshot-{pid}-{requester}{'.stacks' if stacks else ''}.request")
+
+
+def snapshot_path(directory: str, pid: int, requester: int) -> str:
+    """Where process ``pid`` writes its rows for ``requester``."""
+    return os.path.join(directory, f"snapshot-{pid}-{requester}.json")
+
+
 def answer_request(frames: int) -> bool:
-    """Write the report for ``python -m threadctx dump`` if it asked; return whether it did.
+    """Answer ``python -m threadctx dump`` and ``top`` if they asked; return whether one did.
 
     Called in the signal handler: only system calls, no lock, never raises.
     """
@@ -102,22 +123,61 @@ def answer_request(frames: int) -> bool:
     try:
         directory = runtime_dir()
         check_private_dir(directory, create=False)  # a request counts only in a directory of ours
-        pid = os.getpid()
-        os.unlink(request_path(directory, pid))  # claims the request: one answer per request
     except (OSError, RuntimeDirError):
         return False  # not asked (the usual case)
+    pid = os.getpid()
+    answered = _answer_snapshot_requests(directory, pid, frames)
     try:
-        final = report_path(directory, pid)
+        os.unlink(request_path(directory, pid))  # claims the request: one answer per request
+    except OSError:
+        return answered
+    return _write_answer(report_path(directory, pid), lambda: report(frames, source=False)) or answered
+
+
+def _answer_snapshot_requests(directory: str, pid: int, frames: int) -> bool:
+    """Write the rows, as JSON, for each ``top`` that asked (one file per asking process)."""
+    prefix, suffix = f"snapshot-{pid}-", ".request"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    answered = False
+    for name in names:
+        requester, _, flag = name[len(prefix) : -len(suffix)].partition(".")
+        if not (name.startswith(prefix) and name.endswith(suffix) and flag in ("", "stacks")):
+            continue
+        if not (requester.isascii() and requester.isdigit()):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))  # claims it
+        except OSError:
+            continue
+        answer = snapshot_path(directory, pid, int(requester))
+        answered |= _write_answer(answer, functools.partial(_rows_json, frames if flag else None))
+    return answered
+
+
+def _rows_json(frames: int | None) -> str:
+    """The threads serving a request, with their innermost ``frames`` frames unless None, for ``top``."""
+    entries = snapshot()
+    stacks = serving_stacks(entries, frames, source=False) if frames is not None else None
+    threads = [row.as_json() for row in rows_of(entries, stacks)]
+    return json.dumps({"pid": os.getpid(), "foreign_runtime": foreign_runtime(), "threads": threads})
+
+
+def _write_answer(final: str, make: Callable[[], str]) -> bool:
+    """Write ``make()`` to a new file and rename it to ``final``: the reader sees all of it or nothing."""
+    try:
         partial = final + ".partial"
         for stale in (partial, final):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)
         fd = os.open(partial, _CREATE, 0o600)
         try:
-            write_fd(fd, report(frames, source=False).encode("utf-8", "backslashreplace"))
+            write_fd(fd, make().encode("utf-8", "backslashreplace"))
         finally:
             os.close(fd)
-        os.rename(partial, final)  # the command sees the whole report or nothing
+        os.rename(partial, final)
     except OSError:
         return False  # the report goes where it would without a request; the command says it got none
     return True
