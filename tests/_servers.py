@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import re
 import secrets
@@ -17,11 +18,39 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import threadctx
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 READY = 30.0  # seconds a server may take to accept connections
 STOP = 30.0
 LINE = re.compile(r"trace=(?P<trace>\w+) span=(?P<span>\w+) request_id=(?P<rid>\S+) (?P<message>.*)$")
+
+
+class Lines(logging.Handler):
+    """Formats every record through ContextFilter, as a service's handler would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(threadctx.ContextFilter())
+        self.setFormatter(
+            logging.Formatter(
+                "trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(message)s",
+                defaults={"request_id": "-"},
+            )
+        )
+        self.lines: list[str] = []
+        self.threads: set[int] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+        self.threads.add(record.thread or 0)
+
+    def parsed(self) -> list[dict[str, str]]:
+        """Each line's trace, span, request id and message."""
+        matches = [LINE.match(line) for line in self.lines]
+        assert all(matches), self.lines
+        return [match.groupdict() for match in matches if match]
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from waitress.server import create_server
 from waitress.wasyncore import close_all
 
 import threadctx
-from _servers import get
+from _servers import Lines, get
 from threadctx.wsgi import ContextMiddleware
 
 if TYPE_CHECKING:
@@ -30,24 +30,6 @@ JOIN = 60
 CLIENTS = 32
 REQUESTS_PER_CLIENT = 4
 LINE = re.compile(r"trace=(?P<trace>\w+) span=(?P<span>\w+) request_id=(?P<rid>\S+) (?P<message>.*)$")
-
-
-class Lines(logging.Handler):
-    """Formats every record through ContextFilter, as a service's handler would."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.addFilter(threadctx.ContextFilter())
-        self.setFormatter(
-            logging.Formatter(
-                "trace=%(trace_id)s span=%(span_id)s request_id=%(request_id)s %(message)s",
-                defaults={"request_id": "-"},
-            )
-        )
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
 
 
 @pytest.fixture
