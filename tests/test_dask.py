@@ -197,3 +197,40 @@ def test_the_module_names_its_extra_when_distributed_is_missing() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert "pip install 'threadctx[dask]'" in result.stderr
+
+
+def test_collections_are_not_instrumented_but_a_wrapped_function_carries_the_context(
+    instrumented: Any,
+) -> None:
+    """A delayed call computed on the client runs plain unless its function is wrapped (the how-to)."""
+    dask = pytest.importorskip("dask")
+    client = instrumented
+    with threadctx.bound(request_id="graph"):
+        plain = client.compute(dask.delayed(work)("plain-delayed"))
+        wrapped = client.compute(dask.delayed(threadctx.wrap_process(work))("wrapped-delayed"))
+        client.gather([plain, wrapped])
+    lines, _ = worker_output(client)
+    by_message = {match["message"]: match["rid"] for match in map(LINE.match, lines) if match}
+    assert by_message == {"task plain-delayed": "-", "task wrapped-delayed": "graph"}
+
+
+def test_async_functions_and_actors_are_submitted_unchanged(instrumented: Any) -> None:
+    async def coroutine_task() -> str:
+        return "ran on the event loop"
+
+    client = instrumented
+    with threadctx.bound(request_id="r"):
+        assert client.submit(coroutine_task).result() == "ran on the event loop"
+        counter = client.submit(Counter, actor=True).result()
+        assert counter.add(2).result() == 2
+
+
+class Counter:
+    """An actor: its instance lives on a worker."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, n: int) -> int:
+        self.total += n
+        return self.total

@@ -353,3 +353,41 @@ def test_the_module_names_its_extra_when_grpcio_is_missing() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert "pip install 'threadctx[grpc]'" in result.stderr
+
+
+class Opaque(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Wraps each unary handler in a callable object that claims to be from OpenTelemetry's module."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(OpaqueBehavior(handler.unary_unary))
+
+
+class OpaqueBehavior:
+    __module__ = "opentelemetry.instrumentation.grpc._server"
+
+    def __init__(self, inner: Callable[[bytes, Any], bytes]) -> None:
+        self.inner = inner
+
+    def __call__(self, request: bytes, context: Any) -> bytes:
+        return self.inner(request, context)
+
+
+def test_an_unknown_opentelemetry_wrapper_shape_warns_once_and_still_serves(
+    serve: Callable[..., int], lines: Lines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If opentelemetry-instrumentation-grpc changes how it wraps handlers, calls are still served."""
+    monkeypatch.setattr(threadctx.grpc, "_outside_warned", False)
+    ours = threadctx.grpc.server_interceptor()
+    opaque = grpc.unary_unary_rpc_method_handler(OpaqueBehavior(Work().unary))
+    # Here, on this thread: on the server, intercept_service runs on gRPC's polling thread.
+    with pytest.warns(UserWarning, match="list it after OpenTelemetry's"):
+        assert ours.intercept_service(lambda details: opaque, None) is not None
+    port = serve(Work(), [ours, Opaque()])  # warned once: not again
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        _, initial = call(channel, "Unary", "k", (("x-request-id", "r-1"),))
+        _, again = call(channel, "Unary", "k", (("x-request-id", "r-2"),))
+    assert (initial["x-request-id"], again["x-request-id"]) == ("r-1", "r-2")
+    assert [line["rid"] for line in lines.parsed()] == ["r-1", "r-2"]
