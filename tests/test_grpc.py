@@ -97,9 +97,11 @@ class PollingThread(grpc.ServerInterceptor):  # type: ignore[misc]
 def serve() -> Iterator[Callable[..., int]]:
     """Start a real server on 127.0.0.1 with the given interceptors; returns its port."""
     servers: list[Any] = []
+    pools: list[ThreadPoolExecutor] = []
 
     def start(work: Work, interceptors: list[Any]) -> int:
-        server = grpc.server(ThreadPoolExecutor(8), interceptors=interceptors)
+        pools.append(ThreadPoolExecutor(8))
+        server = grpc.server(pools[-1], interceptors=interceptors)
         server.add_generic_rpc_handlers((handlers(work),))
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
@@ -109,6 +111,8 @@ def serve() -> Iterator[Callable[..., int]]:
     yield start
     for server in servers:
         server.stop(None).wait()
+    for pool in pools:  # gRPC leaves its executor to its owner
+        pool.shutdown(wait=True)
 
 
 def call(
