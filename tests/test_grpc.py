@@ -140,12 +140,22 @@ def call(
 KINDS = ("Unary", "ServerStream", "ClientStream", "Bidi")
 
 
+@pytest.mark.parametrize("opentelemetry", ["alone", "opentelemetry-outside", "opentelemetry-inside"])
 def test_concurrent_calls_of_every_kind_run_in_their_callers_context(
-    serve: Callable[..., int], lines: Lines, tracer_provider: TracerProvider
+    serve: Callable[..., int],
+    lines: Lines,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    opentelemetry: str,
 ) -> None:
     """8 client threads x every call kind, each in its own span with its own request id: no line strays."""
     polling = PollingThread()
-    port = serve(Work(), [polling, threadctx.grpc.server_interceptor()])
+    interceptors = [polling, threadctx.grpc.server_interceptor()]
+    if opentelemetry != "alone":
+        otel_grpc = pytest.importorskip("opentelemetry.instrumentation.grpc")
+        theirs = otel_grpc.server_interceptor(tracer_provider=tracer_provider)
+        interceptors.insert(1 if opentelemetry == "opentelemetry-outside" else 2, theirs)
+    port = serve(Work(), interceptors)
     tracer = tracer_provider.get_tracer("client")
     sent: dict[str, tuple[str, str, str]] = {}  # key -> (trace id, span id, request id)
     echoed: dict[str, str] = {}
@@ -183,10 +193,22 @@ def test_concurrent_calls_of_every_kind_run_in_their_callers_context(
     assert echoed == {key: rid for key, (_, _, rid) in sent.items()}
     parsed = lines.parsed()
     assert len(parsed) == calls * 3 - THREADS * ROUNDS * 2  # 3 lines a call, but 1 for a unary call
+    # Under OpenTelemetry's interceptor a line's span is the call's SERVER span, child of the caller's.
+    parents = {
+        f"{span.context.span_id:016x}": f"{span.parent.span_id:016x}"
+        for span in exporter.get_finished_spans()
+        if span.kind is trace.SpanKind.SERVER and span.parent is not None
+    }
+    assert len(parents) == (0 if opentelemetry == "alone" else calls)
+
+    def caller_span(span: str) -> str:
+        return span if opentelemetry == "alone" else parents.get(span, "not in a SERVER span")
+
     misattributed = [
         line
         for line in parsed
-        if (line["trace"], line["span"], line["rid"]) != sent[line["message"].removeprefix("handled ")]
+        if (line["trace"], caller_span(line["span"]), line["rid"])
+        != sent[line["message"].removeprefix("handled ")]
     ]
     assert misattributed == []
     assert len(lines.threads) > 1  # the pool's threads served them, concurrently
