@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 import threading
+import types
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.context.context import _RuntimeContext as RuntimeContext
@@ -22,11 +24,13 @@ __all__ = [
     "CELERY_TRACER_SITES",
     "FLASK_OTEL_SPAN",
     "FLASK_OTEL_STARTED",
+    "OTEL_GRPC_SERVER",
     "OTEL_INSTRUMENTED",
     "OTEL_THREAD_CONTEXT",
     "RuntimeContext",
     "active_threads",
     "is_wrapt_proxy",
+    "rewrap_otel_grpc_behavior",
     "runtime_context",
     "serves_many",
     "span_key",
@@ -41,6 +45,9 @@ OTEL_THREAD_CONTEXT = "_otel_context"
 #: What FlaskInstrumentor leaves in the environ: the start time (its WSGI wrapper), the span (its hook).
 FLASK_OTEL_STARTED = "opentelemetry-flask.starttime_key"
 FLASK_OTEL_SPAN = "opentelemetry-flask.span_key"
+
+#: The module of OpenTelemetry's gRPC server interceptor (``opentelemetry-instrumentation-grpc``).
+OTEL_GRPC_SERVER = "opentelemetry.instrumentation.grpc._server"
 
 #: Modules whose ``build_tracer`` Celery calls: its own (pools, ``Task.apply``) and the consumer's copy.
 CELERY_TRACER_SITES = ("celery.app.trace", "celery.worker.consumer.consumer")
@@ -116,3 +123,30 @@ def serves_many(thread: threading.Thread) -> bool:
     process = sys.modules.get("concurrent.futures.process")
     manager = getattr(process, "_ExecutorManagerThread", None)
     return manager is not None and isinstance(thread, manager)
+
+
+def rewrap_otel_grpc_behavior(
+    behavior: Callable[..., Any], wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Callable[..., Any] | None:
+    """OpenTelemetry's gRPC handler wrapper rebuilt over ``wrap(what it runs)``; ``None`` if it is not one.
+
+    OpenTelemetry's server interceptor wraps a handler's behaviour in a closure
+    over it, a free variable named ``behavior`` (``telemetry_interceptor``, in
+    ``opentelemetry-instrumentation-grpc`` up to at least 0.66b1). The same
+    function is rebuilt with that variable bound to the wrapped behaviour: its
+    own code runs unchanged, with ``wrap``'s wrapper inside its SERVER span.
+    """
+    if not (
+        isinstance(behavior, types.FunctionType)
+        and behavior.__closure__ is not None
+        and "behavior" in behavior.__code__.co_freevars
+    ):
+        return None
+    cells = list(behavior.__closure__)
+    index = behavior.__code__.co_freevars.index("behavior")
+    inner = cells[index].cell_contents
+    if not callable(inner):
+        return None
+    cells[index] = types.CellType(wrap(inner))
+    code, name, defaults = behavior.__code__, behavior.__name__, behavior.__defaults__
+    return types.FunctionType(code, behavior.__globals__, name, defaults, tuple(cells))

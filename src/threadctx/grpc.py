@@ -31,7 +31,6 @@ event loop (see the gRPC how-to).
 
 from __future__ import annotations
 
-import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
@@ -48,10 +47,10 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
+from threadctx._compat import OTEL_GRPC_SERVER, rewrap_otel_grpc_behavior
 from threadctx._correlation import correlation
 from threadctx._propagation import inject
-from threadctx._requests import REQUEST_ID, RequestPolicy, new_request_id
-from threadctx.wsgi import _Body  # a response body produced step by step in a context
+from threadctx._requests import REQUEST_ID, Body, RequestPolicy, new_request_id
 
 __all__ = ["client_interceptor", "new_request_id", "server_interceptor"]
 
@@ -172,49 +171,30 @@ class _ServerInterceptor(grpc.ServerInterceptor):
         )
 
 
-_OPENTELEMETRY_SERVER = "opentelemetry.instrumentation.grpc._server"
 _outside_warned = False
 
 
 def _inside_opentelemetry(
     behavior: Callable[..., Any], wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
 ) -> Callable[..., Any] | None:
-    """OpenTelemetry's handler wrapper with ``wrap`` applied to what it runs, if ``behavior`` is one.
+    """OpenTelemetry's handler wrapper with ``wrap`` inside it, if ``behavior`` is one.
 
-    OpenTelemetry's server interceptor wraps a handler's behaviour in a closure over it
-    (``telemetry_interceptor``, in ``opentelemetry-instrumentation-grpc`` up to at least 0.66b1).
-    The same function is rebuilt over the wrapped behaviour: its own code runs unchanged, with this
-    interceptor's wrapper inside its SERVER span. Where that shape has changed, a warning says to
-    list this interceptor after OpenTelemetry's, and the call is served as before.
+    Where OpenTelemetry's wrapper is not one that can be rebuilt (a release
+    changed it), a warning says to list this interceptor after
+    OpenTelemetry's, and the call is served as before.
     """
     global _outside_warned  # noqa: PLW0603 - one warning per process
-    if getattr(behavior, "__module__", None) != _OPENTELEMETRY_SERVER:
+    if getattr(behavior, "__module__", None) != OTEL_GRPC_SERVER:
         return None
-    if (
-        isinstance(behavior, types.FunctionType)
-        and behavior.__closure__ is not None
-        and "behavior" in behavior.__code__.co_freevars
-    ):
-        cells = list(behavior.__closure__)
-        index = behavior.__code__.co_freevars.index("behavior")
-        inner = cells[index].cell_contents
-        if callable(inner):
-            cells[index] = types.CellType(wrap(inner))
-            return types.FunctionType(
-                behavior.__code__,
-                behavior.__globals__,
-                behavior.__name__,
-                behavior.__defaults__,
-                tuple(cells),
-            )
-    if not _outside_warned:
+    rebuilt = rewrap_otel_grpc_behavior(behavior, wrap)
+    if rebuilt is None and not _outside_warned:
         _outside_warned = True
         warnings.warn(
             "threadctx.grpc.server_interceptor() is listed before OpenTelemetry's server interceptor, "
             "which replaces the context it binds: list it after OpenTelemetry's",
             stacklevel=2,
         )
-    return None
+    return rebuilt
 
 
 def _enter(policy: RequestPolicy, servicer_context: grpc.ServicerContext) -> tuple[Context, _Servicer]:
@@ -249,7 +229,7 @@ def _streaming(behavior: _Streaming, policy: RequestPolicy) -> _Streaming:
         # Each step in the call's context, the pool thread's own restored in between, as for a WSGI
         # body: what the handler or an inner interceptor attaches stays theirs for the next step,
         # and a stream that gRPC abandons (the client cancelled) leaves nothing attached.
-        return _echoing(_Body(_Call(behavior, request, servicer), context), servicer)
+        return _echoing(Body(_Call(behavior, request, servicer), context), servicer)
 
     return in_context
 
@@ -273,7 +253,7 @@ class _Call:
         return iter(self.behavior(self.request, _as_context(self.servicer)))
 
 
-def _echoing(body: _Body, servicer: _Servicer) -> Iterator[Any]:
+def _echoing(body: Body, servicer: _Servicer) -> Iterator[Any]:
     """The stream's messages, the request id sent before the first (or with the status)."""
     try:
         for message in body:
