@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from threadctx._propagation import propagate as propagate
     from threadctx._propagation import propagated as propagated
     from threadctx._propagation import propagation_stats as propagation_stats
+    from threadctx._propagator import CorrelationPropagator as CorrelationPropagator
     from threadctx._threads import ContextThreadPoolExecutor as ContextThreadPoolExecutor
     from threadctx._threads import Thread as Thread
     from threadctx._threads import instrument_threading as instrument_threading
@@ -86,6 +87,7 @@ _EXPORTS: dict[str, str] = {
     # Lazy: loaded on first use.
     "BAGGAGE_MAX_BYTES": "threadctx._propagation",
     "BAGGAGE_MAX_MEMBERS": "threadctx._propagation",
+    "CorrelationPropagator": "threadctx._propagator",
     "attached": "threadctx._propagation",
     "extract": "threadctx._propagation",
     "inject": "threadctx._propagation",

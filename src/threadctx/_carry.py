@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 from opentelemetry import context as _otel_context
 from opentelemetry.context.context import Context
 
-__all__ = ["in_context", "run_in"]
+__all__ = ["in_context", "kind_of", "run_in"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -67,7 +67,7 @@ def _drive(generator: Generator[Any, Any, Any], context: Context) -> Generator[A
             thrown = exc
 
 
-def _kind(fn: Callable[..., Any]) -> Callable[..., Any]:
+def kind_of(fn: Callable[..., Any]) -> Callable[..., Any]:
     """What tells whether calling ``fn`` starts a coroutine or a generator.
 
     That is ``fn`` itself (through any ``functools.partial``), or for an
@@ -90,8 +90,8 @@ def in_context(fn: Callable[P, R], context_for_call: Callable[[], Context]) -> C
     iterates it).
     """
     wrapper: Callable[..., Any]
-    call: Callable[..., Any] = fn  # what it returns is known from _kind(fn), not from its type
-    kind = _kind(fn)
+    call: Callable[..., Any] = fn  # what it returns is known from kind_of(fn), not from its type
+    kind = kind_of(fn)
     if inspect.iscoroutinefunction(kind):
 
         async def run_coroutine(*args: Any, **kwargs: Any) -> Any:

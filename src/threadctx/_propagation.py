@@ -272,27 +272,76 @@ def inject(
     .. versionadded:: 0.1.0
     """
     context = context if context is not None else otel_context.get_current()
-    allowed = _allowlist
-    ids = {name: value for name, value in correlation(context).items() if name in allowed}
     if _propagator_sends_baggage():
-        for name, value in ids.items():
-            context = otel_baggage.set_baggage(name, value, context)
-        otel_propagate.inject(carrier, context=context, setter=setter)
+        # The configured baggage propagator (``baggage`` or threadctx's) writes the header.
+        otel_propagate.inject(carrier, context=outgoing_baggage(context, keep_baggage=True), setter=setter)
     else:
         # Baggage is off: the configured propagators send no baggage, and threadctx's
         # own header carries the allowlisted correlation IDs and nothing else.
         otel_propagate.inject(carrier, context=context, setter=setter)
-        if ids:
-            _W3C_BAGGAGE.inject(carrier, context=_as_baggage(ids), setter=setter)
+        inject_baggage(carrier, context, setter, keep_baggage=False)
     return carrier
 
 
-def _as_baggage(ids: Mapping[str, str]) -> Context:
-    """A context whose baggage is ``ids`` alone."""
-    context = Context()
-    for name, value in ids.items():
-        context = otel_baggage.set_baggage(name, value, context)
-    return context
+def outgoing_baggage(context: Context, *, keep_baggage: bool) -> Context:
+    """The baggage that the ``baggage`` header carries for ``context``, as a context.
+
+    The allowlisted correlation IDs, over the context's OpenTelemetry baggage
+    (``keep_baggage``; a correlation ID wins over an entry of the same name)
+    or alone.  Every outgoing ``baggage`` header, from :func:`inject` or from
+    :class:`threadctx.CorrelationPropagator`, is made here.
+    """
+    allowed = _allowlist
+    result = context if keep_baggage else Context()
+    for name, value in correlation(context).items():
+        if name in allowed:
+            result = otel_baggage.set_baggage(name, value, result)
+    return result
+
+
+def inject_baggage(
+    carrier: CarrierT, context: Context, setter: Setter[CarrierT], *, keep_baggage: bool
+) -> None:
+    """Write the ``baggage`` header of :func:`outgoing_baggage`; nothing when it is empty."""
+    _W3C_BAGGAGE.inject(carrier, context=outgoing_baggage(context, keep_baggage=keep_baggage), setter=setter)
+
+
+def extract_baggage(
+    carrier: CarrierT, context: Context, getter: Getter[CarrierT], *, keep_baggage: bool
+) -> Context:
+    """``context`` with the incoming ``baggage`` header read, as untrusted input.
+
+    The header is cut to the W3C limits; its allowlisted members become
+    correlation IDs (validated); its other members are added to the
+    OpenTelemetry baggage (``keep_baggage``) or dropped.  Every incoming
+    ``baggage`` header, read by :func:`extract` or by
+    :class:`threadctx.CorrelationPropagator`, is read here.
+    """
+    cutting = getter if isinstance(getter, _CuttingGetter) else _CuttingGetter(getter)
+    if keep_baggage:
+        return ids_from_baggage(_W3C_BAGGAGE.extract(carrier, context=context, getter=cutting))
+    entries = otel_baggage.get_all(_W3C_BAGGAGE.extract(carrier, context=Context(), getter=cutting))
+    return _bind_incoming(entries, context)
+
+
+def ids_from_baggage(context: Context) -> Context:
+    """``context`` with its allowlisted baggage entries moved to the correlation IDs (validated)."""
+    allowed = _allowlist
+    entries = otel_baggage.get_all(context)
+    for name in entries:
+        if name in allowed:
+            context = otel_baggage.remove_baggage(name, context)
+    return _bind_incoming(entries, context)
+
+
+def _bind_incoming(entries: Mapping[str, object], context: Context) -> Context:
+    """``context`` with the allowlisted ``entries`` that pass validation bound as correlation IDs."""
+    allowed = _allowlist
+    incoming = {name: value for name, value in entries.items() if name in allowed}
+    if not incoming:
+        return context
+    ids = {**correlation(context), **valid_ids(incoming)}
+    return with_ids(dict(list(ids.items())[:MAX_IDS]), context)
 
 
 def extract(
@@ -327,24 +376,16 @@ def extract(
     """
     base = context if context is not None else otel_context.get_current()
     cutting = _CuttingGetter(getter)
-    allowed = _allowlist
-    extracted = otel_propagate.extract(carrier, context=base, getter=cutting) if trace else base
-    if _propagator_sends_baggage():
-        if not trace:
-            extracted = _W3C_BAGGAGE.extract(carrier, context=extracted, getter=cutting)
-        entries = otel_baggage.get_all(extracted)
-        incoming = {name: value for name, value in entries.items() if name in allowed}
-        for name in incoming:
-            extracted = otel_baggage.remove_baggage(name, extracted)
-    else:
-        # Baggage is off: read threadctx's own carrier for the allowlisted IDs only,
-        # and keep no other member of the incoming baggage.
-        entries = otel_baggage.get_all(_W3C_BAGGAGE.extract(carrier, context=Context(), getter=cutting))
-        incoming = {name: value for name, value in entries.items() if name in allowed}
-    if not incoming:
-        return extracted
-    ids = {**correlation(extracted), **valid_ids(incoming)}
-    return with_ids(dict(list(ids.items())[:MAX_IDS]), extracted)
+    if not _propagator_sends_baggage():
+        # Baggage is off: threadctx's own header gives the allowlisted IDs only,
+        # and no other member of the incoming baggage is kept.
+        extracted = otel_propagate.extract(carrier, context=base, getter=cutting) if trace else base
+        return extract_baggage(carrier, extracted, cutting, keep_baggage=False)
+    if not trace:
+        return extract_baggage(carrier, base, cutting, keep_baggage=True)
+    # The configured baggage propagator read the header (threadctx's has bound the IDs already);
+    # allowlisted entries left in the baggage (by ``baggage``, or a middleware outside) become IDs.
+    return ids_from_baggage(otel_propagate.extract(carrier, context=base, getter=cutting))
 
 
 @contextmanager

@@ -33,6 +33,7 @@ from threadctx._propagation import BAGGAGE, carries_context, count, extract
 from threadctx._text import show
 
 __all__ = [
+    "HEADER_NAME",
     "REQUEST_ID",
     "Body",
     "RequestPolicy",
@@ -46,7 +47,8 @@ __all__ = [
 REQUEST_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
 """A request id that may be taken from a client and sent back in a header."""
 
-_HEADER_NAME: Final = re.compile(r"[A-Za-z0-9-]+")
+HEADER_NAME: Final = re.compile(r"[A-Za-z0-9-]+")
+"""An HTTP header name that the middlewares and the propagator accept as an option."""
 
 C = TypeVar("C")
 
@@ -178,7 +180,7 @@ class RequestPolicy:
         response_header: bool,
     ) -> None:
         validate(name, "")
-        if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+        if not isinstance(header, str) or not HEADER_NAME.fullmatch(header):
             raise ValueError(f"header must be an HTTP header name, not {header!r}")
         self.header = header
         self.name = name

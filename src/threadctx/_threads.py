@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
+import types
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Generic, NoReturn, ParamSpec, SupportsIndex, TypeVar
 
 from opentelemetry import context as otel_context
 
-from threadctx._carry import in_context, run_in
+from threadctx._carry import in_context, kind_of, run_in
 from threadctx._compat import OTEL_THREAD_CONTEXT, is_wrapt_proxy, serves_many
 
 __all__ = ["ContextThreadPoolExecutor", "Thread", "instrument_threading", "uninstrument_threading", "wrap"]
@@ -32,13 +35,81 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     generators and async generators keep it for each of their steps and give
     the consumer its own context back at every ``yield``.
 
+    What it returns holds the live context (spans, with their locks) and
+    cannot be pickled: for work that crosses a process, use
+    :func:`threadctx.wrap_process`, which carries the context as headers.
+
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.2.0
        Coroutine functions, generators and async generators run in the
        context for their whole run, not only while they are created.
+       Pickling the result raises a ``TypeError`` that names
+       :func:`threadctx.wrap_process`.
     """
-    context = otel_context.get_current()
-    return in_context(fn, lambda: context)
+    captured = _Captured(otel_context.get_current())
+    kind = kind_of(fn)
+    if any(
+        test(kind)
+        for test in (inspect.iscoroutinefunction, inspect.isgeneratorfunction, inspect.isasyncgenfunction)
+    ):
+        # Stays a function, for whoever inspects it (inspect.iscoroutinefunction before 3.12);
+        # plain pickle refuses it by name, cloudpickle (Dask's) reaches _Captured's error.
+        return in_context(fn, captured)
+    return _ContextCall(fn, captured)
+
+
+_NOT_PICKLABLE = (
+    "the callable that threadctx.wrap() returned holds a live context (spans, with their locks) "
+    "and cannot be pickled: for work that crosses a process, use threadctx.wrap_process(fn), "
+    "which carries the context as W3C headers"
+)
+
+
+class _Captured:
+    """The context that :func:`wrap` captured, called for it at each call; never pickled."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: otel_context.Context) -> None:
+        self.context = context
+
+    def __call__(self) -> otel_context.Context:
+        return self.context
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise TypeError(_NOT_PICKLABLE)
+
+
+class _ContextCall(Generic[P, R]):
+    """What :func:`wrap` returns for a plain callable: ``fn`` run in the captured context.
+
+    Looks like ``fn`` (``functools.update_wrapper``), binds as a method as a
+    function does, copies as itself, and refuses to be pickled with a message
+    that says what to use instead.
+    """
+
+    def __init__(self, fn: Callable[P, R], captured: _Captured) -> None:
+        functools.update_wrapper(self, fn)
+        self._threadctx_fn = fn
+        self._threadctx_captured = captured
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return run_in(self._threadctx_captured.context, self._threadctx_fn, *args, **kwargs)
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        return self if instance is None else types.MethodType(self, instance)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise TypeError(_NOT_PICKLABLE)
+
+    def __copy__(self) -> _ContextCall[P, R]:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _ContextCall[P, R]:
+        return self
+
+    def __repr__(self) -> str:
+        return f"threadctx.wrap({self._threadctx_fn!r})"
 
 
 class Thread(threading.Thread):

@@ -1,0 +1,140 @@
+"""threadctx's OpenTelemetry propagator: correlation IDs wherever OpenTelemetry's context travels.
+
+Registered as the ``threadctx`` entry point of the ``opentelemetry_propagator``
+group, so ``OTEL_PROPAGATORS=tracecontext,threadctx`` (in place of
+``baggage``) makes every instrumentation that injects or extracts carry the
+allowlisted correlation IDs.  The ``baggage`` header is written and read by the
+same functions that :func:`threadctx.inject` and :func:`threadctx.extract` use.
+
+OpenTelemetry loads this module while ``opentelemetry.propagate`` is being
+imported: it imports nothing that imports ``opentelemetry.propagate`` at
+import time.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Final
+
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import (
+    CarrierT,
+    Getter,
+    Setter,
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
+
+from threadctx._correlation import correlation
+from threadctx._propagation import BAGGAGE, extract_baggage, inject_baggage, propagated
+from threadctx._requests import HEADER_NAME, REQUEST_ID
+
+__all__ = ["REQUEST_ID_HEADER_ENV", "CorrelationPropagator"]
+
+REQUEST_ID_HEADER_ENV: Final = "THREADCTX_PROPAGATOR_REQUEST_ID_HEADER"
+"""The environment variable that names the header the request id also goes out in."""
+
+
+class _FromEnvironment(enum.Enum):
+    """The default of ``request_id_header``: read :data:`REQUEST_ID_HEADER_ENV`."""
+
+    TOKEN = enum.auto()
+
+
+_FROM_ENVIRONMENT: Final = _FromEnvironment.TOKEN
+
+
+class CorrelationPropagator(TextMapPropagator):
+    """An OpenTelemetry propagator for W3C baggage that carries the allowlisted correlation IDs.
+
+    Use it instead of OpenTelemetry's ``baggage`` propagator::
+
+        OTEL_PROPAGATORS=tracecontext,threadctx
+
+    or in code::
+
+        propagate.set_global_textmap(
+            CompositePropagator([TraceContextTextMapPropagator(), threadctx.CorrelationPropagator()])
+        )
+
+    On the way out, the ``baggage`` header carries the context's OpenTelemetry
+    baggage, as ``baggage`` sends it, plus the correlation IDs on the allowlist
+    (:func:`threadctx.propagate`; a correlation ID wins over a baggage entry of
+    the same name).  On the way in, the header is untrusted: it is cut to the
+    W3C limits at whole members, its allowlisted members that pass validation
+    are bound as correlation IDs, and its other members become OpenTelemetry
+    baggage, as ``baggage`` keeps them.  This is exactly what
+    :func:`threadctx.inject` and :func:`threadctx.extract` do, through the same
+    code.
+
+    Args:
+        request_id_header: also send the ``request_id`` correlation ID in this
+            header (for example ``"X-Request-ID"``), when it is on the
+            allowlist and passes the request-id rule of the middlewares.
+            ``None`` sends no such header.  By default, the header named by
+            the environment variable ``THREADCTX_PROPAGATOR_REQUEST_ID_HEADER``
+            if it is set and not empty (how to turn it on with
+            ``OTEL_PROPAGATORS``), else none.  The header is only sent, never
+            read: the middlewares read ``X-Request-ID`` themselves.
+
+    Raises:
+        ValueError: ``request_id_header`` is not an HTTP header name.
+
+    .. versionadded:: 0.2.0
+    """
+
+    __slots__ = ("_fields", "_request_id_header")
+
+    def __init__(self, *, request_id_header: str | _FromEnvironment | None = _FROM_ENVIRONMENT) -> None:
+        if request_id_header is _FROM_ENVIRONMENT:
+            request_id_header = os.environ.get(REQUEST_ID_HEADER_ENV, "").strip() or None
+        if request_id_header is not None and not (
+            isinstance(request_id_header, str) and HEADER_NAME.fullmatch(request_id_header)
+        ):
+            raise ValueError(f"request_id_header must be an HTTP header name, not {request_id_header!r}")
+        self._request_id_header: str | None = request_id_header
+        fields = {BAGGAGE}
+        if request_id_header is not None:
+            fields.add(request_id_header)
+        self._fields = frozenset(fields)
+
+    @property
+    def request_id_header(self) -> str | None:
+        """The header the request id also goes out in, or ``None``."""
+        return self._request_id_header
+
+    def inject(
+        self,
+        carrier: CarrierT,
+        context: Context | None = None,
+        setter: Setter[CarrierT] = default_setter,
+    ) -> None:
+        """Write the ``baggage`` header (and the request-id header, if configured) into ``carrier``."""
+        context = context if context is not None else otel_context.get_current()
+        inject_baggage(carrier, context, setter, keep_baggage=True)
+        header = self._request_id_header
+        if header is not None and "request_id" in propagated():
+            request_id = correlation(context).get("request_id")
+            if request_id is not None and REQUEST_ID.fullmatch(request_id):
+                setter.set(carrier, header, request_id)
+
+    def extract(
+        self,
+        carrier: CarrierT,
+        context: Context | None = None,
+        getter: Getter[CarrierT] = default_getter,
+    ) -> Context:
+        """Read the ``baggage`` header of ``carrier`` into ``context`` (by default the current one)."""
+        context = context if context is not None else otel_context.get_current()
+        return extract_baggage(carrier, context, getter, keep_baggage=True)
+
+    @property
+    def fields(self) -> set[str]:
+        """The headers :meth:`inject` writes: ``baggage``, and the request-id header if configured."""
+        return set(self._fields)
+
+    def __repr__(self) -> str:
+        return f"CorrelationPropagator(request_id_header={self._request_id_header!r})"
