@@ -16,11 +16,9 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from waitress.server import create_server
-from waitress.wasyncore import close_all
 
 import threadctx
-from _servers import Lines, get
+from _servers import Lines, get, waitress_servers
 from threadctx.wsgi import ContextMiddleware
 
 if TYPE_CHECKING:
@@ -45,27 +43,8 @@ def lines() -> Iterator[Lines]:
 @pytest.fixture
 def serve() -> Iterator[Callable[[WSGIApplication], int]]:
     """Start waitress with 8 threads on a free port of 127.0.0.1; return the port."""
-    servers = []
-
-    def start(app: WSGIApplication) -> int:
-        server = create_server(app, host="127.0.0.1", port=0, threads=8, asyncore_loop_timeout=0.05)
-        thread = threading.Thread(target=server.run, name="waitress-loop", daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return int(server.effective_port)  # type: ignore[union-attr]
-
-    yield start
-    for server, thread in servers:
-        # Closed from the server's own loop thread: its loop ends when nothing is left to serve.
-        try:
-            server.trigger.pull_trigger(lambda server=server: close_all(server._map))
-        except OSError:
-            # Seen twice in many runs (3.12, 3.14): the trigger's pipe was already closed (EBADF),
-            # cause not found. Close from here; the loop, polling every 0.05 s, then ends.
-            close_all(server._map)
-        thread.join(JOIN)
-        assert not thread.is_alive()
-        server.task_dispatcher.shutdown()
+    with waitress_servers(JOIN) as start:
+        yield start
 
 
 def state() -> tuple[bool, dict[str, str]]:
