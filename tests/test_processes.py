@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import multiprocessing
+import pickle
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 from opentelemetry import context as otel_context
@@ -113,3 +116,51 @@ def test_a_child_span_is_a_child_of_the_parents_span(parent: dict[str, object]) 
     view = wrapped("t")  # in this process too: attach, run, restore
     assert view == parent
     assert threadctx.correlation() == parent["ids"]
+
+
+def test_pickling_what_wrap_returns_says_to_use_wrap_process() -> None:
+    """Issue 21.4: it failed with "not the same object as builtins.len" (Dask: "cannot pickle lock")."""
+    with threadctx.bound(request_id="r-1"):
+        for fn in (len, child_view, threadctx.ContextFilter().filter):
+            wrapped = threadctx.wrap(fn)
+            for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+                with pytest.raises(
+                    TypeError, match=r"holds a live context .* use threadctx\.wrap_process\(fn\)"
+                ):
+                    pickle.dumps(wrapped, protocol)
+
+
+def test_what_wrap_returns_still_behaves_as_the_function() -> None:
+    """Name, call, method binding and copies: as the function wrap() returned before it refused pickling."""
+
+    class Service:
+        handle = threadctx.wrap(lambda self, job: (self, job, dict(threadctx.correlation())))
+
+    with threadctx.bound(request_id="r-3"):
+        wrapped = threadctx.wrap(child_view)
+        counted = threadctx.wrap(len)
+    service = Service()
+    assert (wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__) == (
+        "child_view",
+        child_view.__doc__,
+        child_view,
+    )
+    assert counted([1, 2]) == 2
+    assert wrapped("same")["ids"] == {"request_id": "r-3"}
+    assert threadctx.correlation() == {}, "the caller's context is back"
+    assert service.handle("job") == (service, "job", {})
+    assert copy.copy(wrapped) is wrapped
+    assert copy.deepcopy([wrapped])[0] is wrapped
+
+
+def test_a_process_pool_refuses_what_wrap_returns_with_the_same_error() -> None:
+    with (
+        ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool,
+        threadctx.bound(request_id="r-2"),
+    ):
+        future = pool.submit(threadctx.wrap(child_view), "wrapped")
+        with pytest.raises(TypeError, match=r"live context .* threadctx\.wrap_process\(fn\)"):
+            future.result(JOIN)
+        assert pool.submit(threadctx.wrap_process(child_view), "carried").result(JOIN)["ids"] == {
+            "request_id": "r-2"
+        }
