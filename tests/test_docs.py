@@ -27,10 +27,19 @@ PAGES = sorted(DOCS.glob("*.md"))
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.M | re.S)
 
 
+NEWER = re.compile(r"# Python (?P<major>\d+)\.(?P<minor>\d+) and later")
+
+
+def runs_here(block: str) -> bool:
+    """Whether this Python runs ``block``: one whose first line says "# Python 3.12 and later" needs 3.12."""
+    newer = NEWER.match(block)
+    return newer is None or sys.version_info >= (int(newer["major"]), int(newer["minor"]))
+
+
 def run_page(page: Path, directory: Path) -> subprocess.CompletedProcess[str]:
     """The page's program, as a script file (so that spawned processes can import it)."""
     script = directory / f"{page.stem}_page.py"
-    script.write_text("\n\n".join(BLOCK.findall(page.read_text())))
+    script.write_text("\n\n".join(block for block in BLOCK.findall(page.read_text()) if runs_here(block)))
     return run_script(script, directory)
 
 
@@ -73,7 +82,41 @@ def test_a_framework_page_logs_outside_a_request_without_a_logging_error(page: s
 def test_the_pitfalls_loguru_default_leaves_a_bound_id_alone(tmp_path: Path) -> None:
     result = run_page(DOCS / "pitfalls.md", tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-2:] == ["- starting", "r-1 serving"]
+    lines = result.stdout.splitlines()
+    assert lines[lines.index("- starting") + 1] == "r-1 serving"
+
+
+QUEUE_BLOCK = "# Python 3.12 and later: dictConfig's queue_handler form"
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="dictConfig's queue_handler form is new in Python 3.12"
+)
+def test_the_pitfalls_queue_handler_block_stamps_each_line_in_its_thread(tmp_path: Path) -> None:
+    """Issue 21.5: with the filter on the target handler, 640 of 640 records had the listener's context."""
+    result = run_page(DOCS / "pitfalls.md", tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sorted(lines[-3:]) == [
+        "MainThread request_id=- outside",
+        "worker-0 request_id=r-0 handled",
+        "worker-1 request_id=r-1 handled",
+    ]
+    # The same block with the filter where most users put it, on the listener's handler: no ids.
+    (block,) = [
+        block for block in BLOCK.findall((DOCS / "pitfalls.md").read_text()) if block.startswith(QUEUE_BLOCK)
+    ]
+    moved = block.replace('"formatter": "plain",', '"formatter": "plain", "filters": ["context"],')
+    moved = moved.replace('"filters": ["context"],  # here', "# not here")
+    assert moved.count('"filters": ["context"]') == 1
+    script = tmp_path / "target_filter.py"
+    script.write_text("import threadctx\n" + moved)
+    lines = run_script(script, tmp_path).stdout.splitlines()
+    assert sorted(lines) == [
+        "MainThread request_id=- outside",
+        "worker-0 request_id=- handled",
+        "worker-1 request_id=- handled",
+    ]
 
 
 def test_no_page_has_code_that_is_not_run() -> None:
