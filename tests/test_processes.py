@@ -164,3 +164,19 @@ def test_a_process_pool_refuses_what_wrap_returns_with_the_same_error() -> None:
         assert pool.submit(threadctx.wrap_process(child_view), "carried").result(JOIN)["ids"] == {
             "request_id": "r-2"
         }
+
+
+def test_cloudpickle_reaches_the_same_error_for_every_kind_of_callable() -> None:
+    """Dask serializes with cloudpickle, by value: coroutine functions and generators give the error too."""
+    cloudpickle = pytest.importorskip("cloudpickle", reason="cloudpickle comes with Dask")
+
+    async def coroutine() -> None:
+        pass
+
+    def generator() -> Iterator[int]:
+        yield 1
+
+    with threadctx.bound(request_id="r-4"):
+        for fn in (coroutine, generator, child_view, lambda: None):
+            with pytest.raises(TypeError, match=r"holds a live context .* use threadctx\.wrap_process\(fn\)"):
+                cloudpickle.dumps(threadctx.wrap(fn))
