@@ -264,6 +264,11 @@ def inject(
         headers = threadctx.inject({})
         urllib.request.Request(url, headers=headers)
 
+    The ``baggage`` header is the one :class:`threadctx.CorrelationPropagator`
+    writes (``OTEL_PROPAGATORS=tracecontext,threadctx``), made by the same
+    code; with that propagator configured, OpenTelemetry's client
+    instrumentations send it without a call at each site.
+
     Args:
         carrier: where to write, by default a ``dict`` of header names to values.
         context: the context to send, by default the current one.
@@ -362,7 +367,8 @@ def extract(
     ``traceparent`` is ignored as the W3C spec says, baggage beyond
     :data:`BAGGAGE_MAX_MEMBERS` members or :data:`BAGGAGE_MAX_BYTES` bytes is
     cut at whole members, and invalid correlation values are dropped (counted
-    in :func:`propagation_stats`), never bound.
+    in :func:`propagation_stats`), never bound.  The ``baggage`` header is
+    read by the same code as :class:`threadctx.CorrelationPropagator`'s.
 
     Args:
         carrier: the incoming headers, by default a ``dict``.
