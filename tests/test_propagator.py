@@ -33,6 +33,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 import threadctx
 from _servers import LINE, Lines, get, waitress_servers
+from threadctx._propagator import REQUEST_ID_HEADER_ENV
 from threadctx.wsgi import ContextMiddleware
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ def test_inject_is_the_propagators_inject(
 
 
 def test_the_request_id_header_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(threadctx._propagator.REQUEST_ID_HEADER_ENV, raising=False)
+    monkeypatch.delenv(REQUEST_ID_HEADER_ENV, raising=False)
     propagator = threadctx.CorrelationPropagator()
     assert propagator.request_id_header is None
     assert propagator.fields == {"baggage"}
@@ -184,7 +185,7 @@ def test_the_request_id_header_is_off_by_default(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_request_id_header_from_the_argument_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(threadctx._propagator.REQUEST_ID_HEADER_ENV, "X-Request-ID")
+    monkeypatch.setenv(REQUEST_ID_HEADER_ENV, "X-Request-ID")
     assert threadctx.CorrelationPropagator().request_id_header == "X-Request-ID"
     assert threadctx.CorrelationPropagator(request_id_header=None).request_id_header is None, (
         "the argument wins"
@@ -242,8 +243,10 @@ print(dict(baggage.get_all(incoming)), dict(threadctx.correlation(incoming)))
 def test_otel_propagators_loads_it_through_its_entry_point(order: str, runtime: str) -> None:
     """What users do: OTEL_PROPAGATORS=tracecontext,threadctx, also with OTEL_PYTHON_CONTEXT=threadctx."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "THREADCTX_"))}
-    env.update(OTEL_PROPAGATORS="tracecontext,threadctx", OTEL_PYTHON_CONTEXT=runtime)
-    env[threadctx._propagator.REQUEST_ID_HEADER_ENV] = "X-Request-ID"
+    env["OTEL_PROPAGATORS"] = "tracecontext,threadctx"
+    if runtime:
+        env["OTEL_PYTHON_CONTEXT"] = runtime
+    env[REQUEST_ID_HEADER_ENV] = "X-Request-ID"
     result = subprocess.run(
         [sys.executable, "-W", "error", "-c", PROGRAM, order],
         env=env,
@@ -372,7 +375,8 @@ def test_b_logs_with_as_trace_and_request_id_through_the_client_instrumentation(
     client: str, request_id_header: str | None, tracer_provider: TracerProvider
 ) -> None:
     """Every line of B has A's trace id and request id; secret never reaches B; other baggage survives."""
-    pytest.importorskip(client.split("-", 1)[0], reason=f"{client} is in the test extra")
+    library = client.split("-", 1)[0]
+    pytest.importorskip(library, reason=f"{library} is in the test extra")
     lines = Lines()
     log = logging.getLogger("app")
     log.addHandler(lines)
