@@ -7,8 +7,10 @@ allowlisted correlation IDs.  The ``baggage`` header is written and read by the
 same functions that :func:`threadctx.inject` and :func:`threadctx.extract` use.
 
 OpenTelemetry loads this module while ``opentelemetry.propagate`` is being
-imported: it imports nothing that imports ``opentelemetry.propagate`` at
-import time.
+imported (its module-level ``_load_propagators()``): what it imports uses
+``opentelemetry.propagate`` only when called, never at import time, so the
+half-initialised module it gets then is enough (tested in a subprocess, with
+and without ``OTEL_PYTHON_CONTEXT=threadctx``, importing either first).
 """
 
 from __future__ import annotations
