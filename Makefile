@@ -8,11 +8,20 @@ export OTEL_PYTHON_CONTEXT := threadctx
 # several trees: make test-new-pythons SID_ROOT=/path/to/.sid/root
 SID_ROOT ?= .sid/root
 
-.PHONY: demo test lint typecheck pytest pytest-oldest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons clean
+.PHONY: demo test lint typecheck pytest pytest-oldest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons dist check-dist check-wheel clean
+
+# pip 25.1 is the first to install PEP 735 dependency groups (--group); Python 3.10-3.13's venvs start older.
+PIP_FOR_GROUPS := 'pip>=25.1'
+# The compiled reader is built with warnings as errors here (see hatch_build.py); a user's install is not.
+STRICT := THREADCTX_STRICT_BUILD=1
+# The dependency group a venv gets (pyproject.toml): dev is test, lint, docs and benchmarks; CI's other
+# interpreters, which only run pytest, take test.
+GROUP ?= dev
 
 $(VENV)/.installed: pyproject.toml hatch_build.py src/threadctx/_ctxread.c
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q $(PIP_FOR_GROUPS)
+	$(STRICT) $(BIN)/pip install -q -e . --group $(GROUP)
 	touch $@
 
 demo: $(VENV)/.installed  ## the main job: a threaded HTTP service, every line checked against its request
@@ -21,8 +30,8 @@ demo: $(VENV)/.installed  ## the main job: a threaded HTTP service, every line c
 test: lint typecheck pytest docs  ## everything CI checks, but the conformance suites
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests examples benchmarks conformance docs
-	$(BIN)/ruff format --check src tests examples benchmarks conformance docs
+	$(BIN)/ruff check src tests examples benchmarks conformance docs hatch_build.py .ci/check_install.py
+	$(BIN)/ruff format --check src tests examples benchmarks conformance docs hatch_build.py .ci/check_install.py
 	$(BIN)/lint-imports --no-cache  # the layers of [tool.importlinter] in pyproject.toml
 
 typecheck: $(VENV)/.installed
@@ -33,7 +42,8 @@ pytest: $(VENV)/.installed
 
 pytest-oldest:  ## the tests on the oldest supported opentelemetry-api and -sdk (1.27), without contrib packages
 	$(PYTHON) -m venv .venv-oldest
-	.venv-oldest/bin/pip install -q -e '.[test-core]' 'opentelemetry-api==1.27.0' 'opentelemetry-sdk==1.27.0'
+	.venv-oldest/bin/pip install -q $(PIP_FOR_GROUPS)
+	$(STRICT) .venv-oldest/bin/pip install -q -e . --group test-core 'opentelemetry-api==1.27.0' 'opentelemetry-sdk==1.27.0'
 	.venv-oldest/bin/pytest
 
 test-new-pythons:  ## the tests on Python 3.14 and 3.15, with -X thread_inherit_context=0 and =1 (needs root; builds .sid/ once)
@@ -49,11 +59,7 @@ soak: $(VENV)/.installed  ## the long soak, model and fuzz runs of docs/reliabil
 	THREADCTX_SOAK=long $(BIN)/pytest -m soak -s --timeout 1800
 	THREADCTX_MODEL_EXAMPLES=1000 THREADCTX_FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_model.py tests/test_hostile_input.py --timeout 1800
 
-$(VENV)/.docs: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[docs]'
-	touch $@
-
-docs: $(VENV)/.docs  ## the documentation site, warnings are errors: docs/_build/html
+docs: $(VENV)/.installed  ## the documentation site, warnings are errors: docs/_build/html
 	$(BIN)/sphinx-build -W --keep-going -b html -q docs docs/_build/html
 
 conformance: $(VENV)/.installed  ## OpenTelemetry's own test suites, default backend vs threadctx
@@ -73,5 +79,16 @@ bench-new-pythons: $(VENV)/.installed  ## the ratios on 3.14 and 3.15 (Debian un
 	$(BIN)/python -m benchmarks.run --add-to-doc \
 	    --other .sid/bench-here.json --other .sid/bench-3.14.json --other .sid/bench-3.15.json
 
+# Release artifacts (.ci/dist): the sdist, this interpreter's wheel repaired to a manylinux tag with
+# the compiled reader in it, and the pure-Python wheel for interpreters with no binary wheel.
+dist:  ## dist/: the sdist, a manylinux wheel for $(PYTHON), the pure-Python wheel; twine check
+	PYTHON=$(PYTHON) .ci/dist build
+
+check-dist: dist  ## each of dist/'s artifacts installed in a clean virtualenv: reader, quick start
+	PYTHON=$(PYTHON) .ci/dist check
+
+check-wheel:  ## one wheel for $(PYTHON), built, repaired and checked in a clean virtualenv (CI: each Python)
+	PYTHON=$(PYTHON) .ci/dist wheel
+
 clean:
-	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build
+	rm -rf $(VENV) .venv-* .conformance .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build dist

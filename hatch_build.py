@@ -7,6 +7,14 @@ CPython, or ``THREADCTX_BUILD_EXTENSION=0``) the hook says why and the wheel is 
 pure-Python one, which threadctx runs on with its registry mirror. The build
 never fails because of it.
 
+It reads fields of CPython's ``PyThreadState``, so it is built only for the
+CPython releases it was checked against: up to ``CHECKED_UP_TO``, read from
+``src/threadctx/_reader.py`` (which refuses a newer one at run time too). Raise
+that constant once a new release's ``Include/cpython/pystate.h`` has been read.
+
+``THREADCTX_STRICT_BUILD=1`` (set by the Makefile) compiles with warnings as
+errors, and a failed compile then fails the build instead of falling back.
+
 An editable install (``pip install -e .``) puts the module beside the sources
 in ``src/threadctx/``, where the editable import finds it; a regular wheel gets
 it from a temporary directory, and is then tagged for this interpreter and
@@ -15,9 +23,11 @@ platform.
 
 from __future__ import annotations
 
+import ast
 import os
 import platform
 import shutil
+import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -27,27 +37,50 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 MODULE = "threadctx._ctxread"
 SOURCE = "src/threadctx/_ctxread.c"
+READER = "src/threadctx/_reader.py"
+STRICT_ENV = "THREADCTX_STRICT_BUILD"
 
 
-def _skip_reason() -> str | None:
+def checked_up_to(root: Path) -> tuple[int, int]:
+    """``CHECKED_UP_TO`` from the package's ``_reader.py``, read without importing the package."""
+    tree = ast.parse((root / READER).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [
+            "CHECKED_UP_TO"
+        ]:
+            major, minor = ast.literal_eval(node.value)
+            return int(major), int(minor)
+    raise RuntimeError(f"no CHECKED_UP_TO in {READER}")
+
+
+def _skip_reason(root: Path, version: tuple[int, int] | None = None) -> str | None:
+    """Why the reader is not built for this interpreter (``version``: another one's), or None."""
     if os.environ.get("THREADCTX_BUILD_EXTENSION", "1") == "0":
         return "THREADCTX_BUILD_EXTENSION=0"
     if platform.python_implementation() != "CPython":
         return f"{platform.python_implementation()} (the reader reads CPython's thread states)"
     if sysconfig.get_config_var("Py_GIL_DISABLED"):
         return "a free-threaded build (the reader relies on the GIL)"
+    newest = checked_up_to(root)
+    major, minor = version if version is not None else (sys.version_info[0], sys.version_info[1])
+    if (major, minor) > newest:
+        return (
+            f"Python {major}.{minor} is newer than the newest release the reader "
+            f"was checked against ({newest[0]}.{newest[1]}: CHECKED_UP_TO in {READER})"
+        )
     return None
 
 
-def _compile(root: Path, work: Path) -> Path:
+def _compile(root: Path, work: Path, strict: bool) -> Path:
     """Compile the module with the platform's compiler (through setuptools) and return its path."""
     from setuptools import Distribution, Extension
     from setuptools.command.build_ext import build_ext
 
-    windows = sysconfig.get_platform().startswith("win")
-    extension = Extension(
-        MODULE, [str(root / SOURCE)], extra_compile_args=[] if windows else ["-Wall", "-O2"]
-    )
+    if sysconfig.get_platform().startswith("win"):
+        flags = []  # MSVC: its defaults (warnings as errors are checked with GCC and Clang)
+    else:
+        flags = ["-Wall", "-Wextra", "-O2", *(["-Werror"] if strict else [])]
+    extension = Extension(MODULE, [str(root / SOURCE)], extra_compile_args=flags)
     command = build_ext(Distribution({"name": "threadctx", "ext_modules": [extension]}))
     command.build_lib = str(work / "lib")
     command.build_temp = str(work / "temp")
@@ -65,15 +98,18 @@ class CtxReadBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         """Compile the reader before hatchling collects the wheel's files."""
         if self.target_name != "wheel":
             return
-        reason = _skip_reason()
+        root = Path(self.root)
+        reason = _skip_reason(root)
         if reason is not None:
             self.app.display_warning(f"threadctx: not building {MODULE}: {reason}; pure-Python wheel")
             return
-        root = Path(self.root)
+        strict = os.environ.get(STRICT_ENV, "") not in ("", "0")
         self._work = Path(tempfile.mkdtemp(prefix="threadctx-build-"))
         try:
-            built = _compile(root, self._work)
+            built = _compile(root, self._work, strict)
         except (Exception, SystemExit) as exc:  # any failure, distutils's SystemExit included
+            if strict:
+                raise RuntimeError(f"{STRICT_ENV} is set and {MODULE} did not compile cleanly") from exc
             self.app.display_warning(
                 f"threadctx: could not build {MODULE} ({type(exc).__name__}: {exc}); "
                 "pure-Python wheel, snapshot() uses the registry mirror"

@@ -236,8 +236,8 @@ def kind_of(name: str) -> str:
 @pytest.fixture
 def uvicorn_app(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Starts examples/fastapi_app.py under uvicorn with the options given; stops it at the end."""
-    pytest.importorskip("uvicorn", reason="the server tests run the real uvicorn (test extras)")
-    pytest.importorskip("fastapi", reason="the server tests serve a real FastAPI app (test extras)")
+    pytest.importorskip("uvicorn", reason="the server tests run the real uvicorn (test group)")
+    pytest.importorskip("fastapi", reason="the server tests serve a real FastAPI app (test group)")
     with ExitStack() as stack:
 
         def start(*options: str, **env: str) -> Server:

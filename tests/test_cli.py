@@ -105,6 +105,7 @@ def test_dump_prints_the_report_of_the_other_process(target: Target, runtime_dir
     assert result.returncode == 0, result.stderr
     report = result.stdout
     assert report.startswith(f"threadctx dump: 2 threads in process {target.pid} ")
+    assert report.splitlines()[1].startswith("reader: "), "which reader the process reads contexts with"
     assert report.endswith("end of threadctx dump\n")
     worker = report.split('Thread "worker-1"', 1)[1]
     assert 'span_name="charge"' in worker

@@ -19,7 +19,7 @@ import threadctx
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("opentelemetry.instrumentation") is None,
-    reason="the docs' examples use the opentelemetry-instrumentation packages of the test extras",
+    reason="the docs' examples use the opentelemetry-instrumentation packages of the test group",
 )
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

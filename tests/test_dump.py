@@ -367,7 +367,7 @@ def test_snapshot_dump_and_signal_warn_once_on_another_runtime_context(
     assert [(w.category, w.filename) for w in caught] == [(RuntimeWarning, __file__)]
     assert "runtime context is ContextVarsRuntimeContext, not threadctx's" in str(caught[0].message)
     assert "OTEL_PYTHON_CONTEXT=threadctx" in str(caught[0].message)
-    assert report.splitlines()[1].startswith(
+    assert report.splitlines()[2].startswith(  # under the header and the reader's line
         "note: the runtime context is ContextVarsRuntimeContext, not threadctx's"
     )
     for call in (lambda: threadctx.dump(frames=0), lambda: threadctx.install_dump_signal(file=2)):

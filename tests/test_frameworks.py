@@ -37,10 +37,10 @@ ACCESS = re.compile(
 
 
 def serve(framework: str, tmp_path: Path, instrument: bool) -> Any:
-    pytest.importorskip("gunicorn", reason="gunicorn is in the test extras")
-    pytest.importorskip(framework, reason=f"{framework} is in the test extras")
+    pytest.importorskip("gunicorn", reason="gunicorn is in the test group")
+    pytest.importorskip(framework, reason=f"{framework} is in the test group")
     if instrument:
-        pytest.importorskip(INSTRUMENTATION[framework], reason="the contrib packages are in the test extras")
+        pytest.importorskip(INSTRUMENTATION[framework], reason="the contrib packages are in the test group")
     port = free_port()
     spans = tmp_path / "spans.jsonl"
     env = clean_env(

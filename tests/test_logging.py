@@ -439,7 +439,7 @@ def test_logging_instrumentor_stamped_records_get_the_correlation_ids(
 ) -> None:
     instrumentation = pytest.importorskip(
         "opentelemetry.instrumentation.logging",
-        reason="opentelemetry-instrumentation-logging is not installed (test extras)",
+        reason="opentelemetry-instrumentation-logging is not installed (test group)",
     )
     LoggingInstrumentor = instrumentation.LoggingInstrumentor  # noqa: N806 - the class, by its name
 

@@ -352,7 +352,7 @@ def test_waitress_access_lines_carry_the_request_id_and_trace_id(
     serve: Callable[[WSGIApplication], int],
 ) -> None:
     """Issue 13.5: waitress has no access log; TransLogger inside the middleware writes one in context."""
-    translogger = pytest.importorskip("paste.translogger", reason="paste is in the test extras")
+    translogger = pytest.importorskip("paste.translogger", reason="paste is in the test group")
     handler = Lines()
     handler.setFormatter(logging.Formatter("access trace=%(trace_id)s request_id=%(request_id)s %(message)s"))
     access = logging.getLogger("waitress.access")

@@ -28,6 +28,8 @@ from threadctx._correlation import bound as bound
 from threadctx._correlation import clear as clear
 from threadctx._correlation import correlation as correlation
 from threadctx._correlation import unbind as unbind
+from threadctx._reader import ReaderInfo as ReaderInfo
+from threadctx._reader import reader_info as reader_info
 from threadctx._runtime import ThreadRuntimeContext as ThreadRuntimeContext
 from threadctx._snapshot import ThreadSnapshot as ThreadSnapshot
 from threadctx._snapshot import snapshot as snapshot
@@ -76,6 +78,8 @@ _EXPORTS: dict[str, str] = {
     "delete_thread_storage": "threadctx._storage",
     "ThreadSnapshot": "threadctx._snapshot",
     "snapshot": "threadctx._snapshot",
+    "ReaderInfo": "threadctx._reader",
+    "reader_info": "threadctx._reader",
     "MAX_IDS": "threadctx._correlation",
     "MAX_NAME_LENGTH": "threadctx._correlation",
     "MAX_VALUE_LENGTH": "threadctx._correlation",

@@ -216,10 +216,6 @@ def bound(**ids: str) -> _Bound:
 
     Raises:
         TypeError, ValueError: an ID is invalid (see :func:`validate`).
-
-    .. versionchanged:: 0.2.0
-       As a decorator, coroutine functions, generators and async generators
-       are bound for their whole run, not only while they are created.
     """
     for name, value in ids.items():
         validate(name, value)

@@ -8,23 +8,26 @@ in the ``contextvars.Context`` it runs in.  Other threads read it in one of two 
   ``contextvars.Context.run`` and after it returns, and for threads that
   never touched threadctx but run in a context that holds one (Python 3.14's
   ``thread_inherit_context``);
-- without it (not built, a free-threaded build, or ``THREADCTX_PURE_PYTHON=1``),
-  the mirror: ``attach``/``detach`` write the new context into the thread's
+- without it (not built, refused, failed its self-test, or
+  ``THREADCTX_PURE_PYTHON=1``: ``threadctx.reader_info()`` says which), the
+  mirror: ``attach``/``detach`` write the new context into the thread's
   registry state (see ``_storage``), and readers read that.  It cannot know
   when ``Context.run`` returns.
 
-This module imports only ``opentelemetry.context.context``: it is loaded
-through the ``opentelemetry_context`` entry point while
-``opentelemetry.context`` itself is still being imported.
+This module imports only ``opentelemetry.context.context`` and ``_reader``
+(the standard library only): it is loaded through the
+``opentelemetry_context`` entry point while ``opentelemetry.context`` itself
+is still being imported.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from contextvars import ContextVar
 
 from opentelemetry.context.context import Context
+
+from threadctx import _reader
 
 __all__ = ["CURRENT", "LOADED_READER", "read_contexts", "reader_in_use", "use_reader"]
 
@@ -35,18 +38,9 @@ CURRENT: ContextVar[Context] = ContextVar("threadctx_current_context", default=C
 Reader = Callable[[ContextVar[Context]], dict[int, tuple[int, Context]]]
 
 
-def _load_reader() -> Reader | None:
-    if os.environ.get("THREADCTX_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from threadctx._ctxread import contexts  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # not built (no compiler), or a free-threaded build
-        return None
-    return contexts  # type: ignore[no-any-return,unused-ignore]
-
-
-#: The compiled reader where it is built and allowed; None means the mirror.
-LOADED_READER = _load_reader()
+#: The compiled reader where it is built, allowed and self-tested; None means the mirror.
+#: ``_reader`` chooses it at import and says why (``threadctx.reader_info()``).
+LOADED_READER: Reader | None = _reader.LOADED
 _read_contexts: Reader | None = LOADED_READER
 
 

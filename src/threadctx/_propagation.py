@@ -415,8 +415,6 @@ def attached(
     carrier's baggage and correlation IDs are taken, as the middlewares do.
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.2.0
-       A current SERVER span is kept instead of replaced by the carrier's.
     """
     current = otel_trace.get_current_span()
     keep = current.is_recording() and getattr(current, "kind", None) is otel_trace.SpanKind.SERVER

@@ -85,7 +85,7 @@ class CorrelationPropagator(TextMapPropagator):
     Raises:
         ValueError: ``request_id_header`` is not an HTTP header name.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
 
     __slots__ = ("_fields", "_request_id_header")

@@ -45,11 +45,11 @@ class ThreadSnapshot:
             epoch (``time.time()``), for spans that know it (SDK spans);
             ``None`` otherwise.
 
-            .. versionadded:: 0.2.0
+            .. versionadded:: 0.1.0
         elapsed: Seconds since ``span_started_at`` when the snapshot was
             taken, or ``None``.
 
-            .. versionadded:: 0.2.0
+            .. versionadded:: 0.1.0
     """
 
     thread_id: int

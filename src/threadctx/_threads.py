@@ -40,11 +40,6 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     :func:`threadctx.wrap_process`, which carries the context as headers.
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.2.0
-       Coroutine functions, generators and async generators run in the
-       context for their whole run, not only while they are created.
-       Pickling the result raises a ``TypeError`` that names
-       :func:`threadctx.wrap_process`.
     """
     captured = _Captured(otel_context.get_current())
     kind = kind_of(fn)
@@ -330,11 +325,6 @@ def instrument_threading() -> None:
     switched on and off in any order.
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.2.0
-       Helper threads that serve many callers start clean; a ``run`` set on
-       the instance is carried; any order of instrumenting and
-       uninstrumenting beside OpenTelemetry's instrumentor leaves nothing
-       patched.
     """
     global _enabled  # noqa: PLW0603 - one process-wide switch
     with _lock:

@@ -52,9 +52,6 @@ class FieldNames:
             ``missing_*`` values, flags ``"00"``, not sampled) or ``"omit"`` (no trace
             fields at all, for backends that would take a placeholder for a real id).
         source: The vendor page this entry follows.
-
-    .. versionchanged:: 0.2.0
-       ``env``, ``version``, ``without_span`` and ``source``.
     """
 
     trace_id: str | None = "trace_id"

@@ -20,7 +20,7 @@ outside the whole middleware stack, so ``app.add_middleware(ContextMiddleware)``
 is inside it in either order; ``ContextMiddleware(instrumented_app)`` is
 not, and warns.
 
-.. versionadded:: 0.2.0
+.. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ _STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.http.
 class ScopeGetter(Getter[Scope]):
     """Reads HTTP headers from an ASGI scope, for :func:`threadctx.extract`.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
 
     def get(self, carrier: Scope, key: str) -> list[str] | None:
@@ -122,7 +122,7 @@ class ContextMiddleware:
         TypeError: ``app`` is not an ASGI 3 application (no ``async def``).
         ValueError: ``header`` or ``name`` is invalid.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
 
     def __init__(

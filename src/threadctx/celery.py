@@ -196,8 +196,6 @@ def instrument(app: Celery) -> None:
     The thread is left as it was after each task.
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.2.0
-       The whole execution, not only the body.
     """
     global _original_call, _original_build_tracer  # noqa: PLW0603 - one process-wide patch
     with _lock:

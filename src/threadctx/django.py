@@ -20,7 +20,7 @@ It imports nothing from Django at import time. To change an option, subclass it 
 class attributes (``header``, ``name``, ``trust_incoming``, ``response_header``)
 or the ``generate`` method, then name the subclass in ``MIDDLEWARE``.
 
-.. versionadded:: 0.2.0
+.. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ContextMiddleware:
     When Django loads it, it warns if OpenTelemetry's middleware comes after
     it in ``MIDDLEWARE`` (that order cannot work).
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
 
     sync_capable: ClassVar[bool] = True

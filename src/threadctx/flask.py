@@ -17,7 +17,7 @@ instrumentor's (Flask runs ``before_request`` hooks in the order they were
 registered; called first, they move behind the instrumentor's at the first
 request), keep its span and bind the request id under it.
 
-.. versionadded:: 0.2.0
+.. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def init_app(
     is produced in the request's context too, with or without
     ``stream_with_context``.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     policy = RequestPolicy(
         header=header,

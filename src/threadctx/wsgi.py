@@ -44,7 +44,7 @@ ENVIRON_CONTEXT = "threadctx.context"
 For what runs after the application has returned, outside its context: a
 server's access log (see the gunicorn how-to).
 
-.. versionadded:: 0.2.0
+.. versionadded:: 0.1.0
 """
 
 

@@ -53,7 +53,7 @@ def instrument_metrics(meter_provider: metrics.MeterProvider | None = None) -> N
     Calling it again for the same provider does nothing.  The callbacks read
     what :func:`snapshot` reads; nothing runs on the request path.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     warn_if_foreign_runtime()
     provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()

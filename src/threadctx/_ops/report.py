@@ -10,6 +10,7 @@ import traceback
 from types import FrameType
 
 from threadctx._compat import active_threads
+from threadctx._reader import reader_info
 from threadctx._snapshot import ThreadSnapshot, foreign_runtime, snapshot, warn_if_foreign_runtime
 from threadctx._text import printable
 
@@ -102,7 +103,8 @@ def report(frames: int, source: bool) -> str:
     ]
     lines = [
         f"threadctx dump: {len(listed)} threads in process {os.getpid()} "
-        f"at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now))}"
+        f"at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now))}",
+        f"reader: {reader_info()}",
     ]
     foreign = foreign_runtime()
     if foreign is not None:
@@ -138,7 +140,8 @@ def dump(*, frames: int = 8, source: bool = True) -> str:
     started and how long ago, its correlation IDs, and the innermost
     ``frames`` frames of its stack (with their source lines if ``source``).
     Threads serving a span whose start is known come first, the oldest
-    first; then the others by name::
+    first; then the others by name. The header says which reader showed
+    the threads' contexts (:func:`reader_info`)::
 
         print(threadctx.dump())
 
@@ -146,11 +149,6 @@ def dump(*, frames: int = 8, source: bool = True) -> str:
     is safe from a signal handler; see :func:`install_dump_signal`.
 
     .. versionadded:: 0.1.0
-
-    .. versionchanged:: 0.2.0
-       Shows ``started_at`` and ``elapsed`` and lists the busy threads
-       oldest first; correlation IDs are escaped; warns once when the
-       runtime context is not threadctx's.
     """
     if frames < 0:
         raise ValueError(f"frames must be 0 or more, not {frames}")

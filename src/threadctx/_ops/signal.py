@@ -98,10 +98,6 @@ def install_dump_signal(
             ``file`` and ``logger`` given.
 
     .. versionadded:: 0.1.0
-
-    .. versionchanged:: 0.2.0
-       Answers ``python -m threadctx dump PID``; a second call no longer
-       starts another thread.
     """
     global _log_thread  # noqa: PLW0603 - one logging thread per process
     if file is not None and logger is not None:

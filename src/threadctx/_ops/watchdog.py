@@ -77,7 +77,7 @@ class Watchdog:
         with threadctx.start_watchdog(threshold=10.0):
             serve()
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
 
     def __init__(self, threshold: float, interval: float, logger: logging.Logger) -> None:
@@ -250,7 +250,7 @@ def start_watchdog(
     Raises:
         ValueError: ``threshold`` or ``interval`` is not a positive number.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be a positive number of seconds, not {threshold!r}")
