@@ -18,7 +18,7 @@ not come through a proxy, unless ``allow=`` says otherwise; every value is
 escaped; stacks are shown only with ``stacks=True``; nothing runs until a
 request comes.
 
-.. versionadded:: 0.2.0
+.. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def wsgi_app(
         ValueError: ``refresh`` or ``threshold`` is not positive, or
             ``frames`` is negative.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     page = _Page(stacks=stacks, refresh=refresh, threshold=threshold, frames=frames)
 
@@ -288,7 +288,7 @@ def asgi_app(
     can be the server's application too) and refuses websockets.  The other
     options are :func:`wsgi_app`'s.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     page = _Page(stacks=stacks, refresh=refresh, threshold=threshold, frames=frames)
 
