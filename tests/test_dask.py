@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-distributed = pytest.importorskip("distributed", reason="threadctx.dask needs distributed (the test extras)")
+distributed = pytest.importorskip("distributed", reason="threadctx.dask needs distributed (the test group)")
 
 from opentelemetry import trace  # noqa: E402 - after the skip
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-grpc = pytest.importorskip("grpc", reason="threadctx.grpc needs grpcio (the test extras install it)")
+grpc = pytest.importorskip("grpc", reason="threadctx.grpc needs grpcio (the test group installs it)")
 
 from opentelemetry import trace  # noqa: E402 - after the skip
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402

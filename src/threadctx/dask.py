@@ -32,7 +32,7 @@ the same key and runs it once; instrumented, two submissions share a key
 (and a run) only when they also come from the same context, so that each
 task's log lines belong to one caller.
 
-.. versionadded:: 0.2.0
+.. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ try:
     from dask.tokenize import normalize_token
     from dask.utils import funcname
     from distributed import Client, Future
-except ImportError as error:  # pragma: no cover - the test extras install distributed
+except ImportError as error:  # pragma: no cover - the test group installs distributed
     raise ImportError(
         "threadctx.dask needs dask.distributed: pip install 'threadctx[dask]' (or pip install distributed)"
     ) from error
@@ -125,7 +125,7 @@ def instrument(client: Client) -> Client:
     Returns:
         ``client``.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     if not is_instrumented(client):
         # Instance attributes, in front of the class's methods: this client only, and undone exactly.
@@ -138,7 +138,7 @@ def uninstrument(client: Client) -> Client:
 
     Tasks already submitted keep their context. Returns ``client``.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     for name, kind in (("submit", _Submit), ("map", _Map)):
         if isinstance(vars(client).get(name), kind):
@@ -149,6 +149,6 @@ def uninstrument(client: Client) -> Client:
 def is_instrumented(client: Client) -> bool:
     """Whether :func:`instrument` was called on ``client`` (and not undone).
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     return isinstance(vars(client).get("submit"), _Submit)

@@ -26,7 +26,7 @@ OpenTelemetry's SERVER span starts under it, from the same ``traceparent``.
 ``grpc.aio`` servers are not covered: their handlers are coroutines on the
 event loop (see the gRPC how-to).
 
-.. versionadded:: 0.2.0
+.. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, cast
 
 try:
     import grpc
-except ImportError as error:  # pragma: no cover - the test extras install grpcio
+except ImportError as error:  # pragma: no cover - the test group installs grpcio
     raise ImportError(
         "threadctx.grpc needs grpcio: pip install 'threadctx[grpc]' (or pip install grpcio)"
     ) from error
@@ -122,7 +122,7 @@ def server_interceptor(
     Raises:
         ValueError: ``header`` or ``name`` is invalid.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     policy = RequestPolicy(
         header=header,
@@ -327,7 +327,7 @@ def client_interceptor(
         header: the metadata key of the request id; ``None`` sends none.
         name: the correlation ID name the request id is bound under.
 
-    .. versionadded:: 0.2.0
+    .. versionadded:: 0.1.0
     """
     return _ClientInterceptor(header.lower() if header is not None else None, name)
 
