@@ -56,8 +56,8 @@ LOG_CONFIG = {
 )
 def test_uvicorn_serving_django(application: str, access_has_ids: bool, tmp_path: Path) -> None:
     """The view's lines carry their request's ids either way; the access line, with the ASGI middleware."""
-    pytest.importorskip("uvicorn", reason="uvicorn is in the test extras")
-    pytest.importorskip("django", reason="django is in the test extras")
+    pytest.importorskip("uvicorn", reason="uvicorn is in the test group")
+    pytest.importorskip("django", reason="django is in the test group")
     config = tmp_path / "logging.json"
     config.write_text(json.dumps(LOG_CONFIG))
     port = free_port()
