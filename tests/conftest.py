@@ -136,6 +136,27 @@ def any_runtime(request: pytest.FixtureRequest) -> Iterator[str]:
         otel_context._RUNTIME_CONTEXT = saved
 
 
+@pytest.fixture(params=["compiled", "mirror"])
+def reader(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with the compiled reader, then with the pure-Python mirror; yields which.
+
+    Each test whose answer depends on the reader takes this fixture and names the reader in its
+    assertions.  The compiled one is skipped, with the reason, where it is not loaded (no
+    compiler, a free-threaded build, or ``THREADCTX_PURE_PYTHON=1``).
+    """
+    from threadctx import _current, _runtime
+
+    if request.param == "compiled" and _current.LOADED_READER is None:
+        pytest.skip(
+            "threadctx._ctxread is not built here (no compiler, free-threaded, or THREADCTX_PURE_PYTHON)"
+        )
+    _runtime._use_reader(request.param == "compiled")
+    try:
+        yield request.param
+    finally:
+        _runtime._use_reader(True)  # what was loaded at import
+
+
 @pytest.fixture
 def exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
