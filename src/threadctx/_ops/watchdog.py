@@ -21,7 +21,7 @@ from types import TracebackType
 from opentelemetry import context as otel_context
 
 from threadctx._filter import RESERVED
-from threadctx._ops.report import current_frames, describe_span, stack
+from threadctx._ops.report import NO_STACK, current_frames, describe_span, stack
 from threadctx._snapshot import ThreadSnapshot, snapshot, warn_if_foreign_runtime
 from threadctx._storage import OwnThread, at_fork_in_child
 from threadctx._text import printable
@@ -112,7 +112,12 @@ class Watchdog:
         try:
             for entry, key, age in new:
                 self._reported.add(key)
-                self._warn(entry, age, stack(frames.get(entry.thread_id), _FRAMES, source=True))
+                frame = frames.get(entry.thread_id)
+                if frame is not None:
+                    lines = stack(frame, _FRAMES, source=True)
+                else:  # a free-threaded build says why; a thread that ended meanwhile has none
+                    lines = [NO_STACK] if entry.thread_id in frames else []
+                self._warn(entry, age, lines)
         finally:
             del frames  # this thread's own frame is among them: no cycle left behind
 
