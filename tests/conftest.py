@@ -37,7 +37,13 @@ def pytest_report_header() -> str:
     inherit = getattr(sys.flags, "thread_inherit_context", "n/a")
     gil = "off" if getattr(sys, "_is_gil_enabled", lambda: True)() is False else "on"
     interval = sys.getswitchinterval()
-    return f"threadctx: thread_inherit_context={inherit}, GIL {gil}, switch interval {interval} s"
+    from threadctx import _current
+
+    reader = "compiled" if _current.reader_in_use() else "mirror (pure Python)"
+    return (
+        f"threadctx: thread_inherit_context={inherit}, GIL {gil}, switch interval {interval} s, "
+        f"reader {reader}"
+    )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

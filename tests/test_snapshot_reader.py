@@ -446,7 +446,7 @@ def test_the_reader_compiles_cleanly_with_all_warnings(tmp_path: Path) -> None:
 
 def test_the_reader_rejects_what_is_not_a_contextvar() -> None:
     if _current.LOADED_READER is None:
-        pytest.skip("threadctx._ctxread is not built here")
+        pytest.skip("threadctx._ctxread is not loaded (not built, free-threaded, or THREADCTX_PURE_PYTHON)")
     with pytest.raises(TypeError):
         _current.LOADED_READER("not a ContextVar")  # type: ignore[arg-type]
 
