@@ -8,7 +8,7 @@ export OTEL_PYTHON_CONTEXT := threadctx
 # several trees: make test-new-pythons SID_ROOT=/path/to/.sid/root
 SID_ROOT ?= .sid/root
 
-.PHONY: demo test lint typecheck pytest pytest-oldest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons dist check-dist check-wheel clean
+.PHONY: demo test lint typecheck pytest pytest-oldest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons dist check-dist check-wheel pytest-pure pytest-pure-new-python clean
 
 # pip 25.1 is the first to install PEP 735 dependency groups (--group); Python 3.10-3.13's venvs start older.
 PIP_FOR_GROUPS := 'pip>=25.1'
@@ -39,6 +39,14 @@ typecheck: $(VENV)/.installed
 
 pytest: $(VENV)/.installed
 	$(BIN)/pytest
+
+# The pure-Python path: the registry mirror instead of the compiled reader, as on a free-threaded build
+# or an install without a compiler (about 1 minute, and 2 on 3.14).
+pytest-pure: $(VENV)/.installed  ## the tests without the compiled reader (THREADCTX_PURE_PYTHON=1)
+	THREADCTX_PURE_PYTHON=1 $(BIN)/pytest
+
+pytest-pure-new-python:  ## the same on 3.14 with -X thread_inherit_context=1, the free-threaded build's default
+	THREADCTX_PURE_PYTHON=1 SID_FLAGS=1 SID_ROOT=$(SID_ROOT) .ci/new-pythons 3.14
 
 pytest-oldest:  ## the tests on the oldest supported opentelemetry-api and -sdk (1.27), without contrib packages
 	$(PYTHON) -m venv .venv-oldest

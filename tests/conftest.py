@@ -37,7 +37,29 @@ def pytest_report_header() -> str:
     inherit = getattr(sys.flags, "thread_inherit_context", "n/a")
     gil = "off" if getattr(sys, "_is_gil_enabled", lambda: True)() is False else "on"
     interval = sys.getswitchinterval()
-    return f"threadctx: thread_inherit_context={inherit}, GIL {gil}, switch interval {interval} s"
+    from threadctx import _current
+
+    reader = "compiled" if _current.reader_in_use() else "mirror (pure Python)"
+    return (
+        f"threadctx: thread_inherit_context={inherit}, GIL {gil}, switch interval {interval} s, "
+        f"reader {reader}"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``other_threads_stacks`` is skipped, with the reason, where the GIL is disabled.
+
+    On a free-threaded build, with the GIL off, threadctx shows no stack but the calling thread's
+    (see ``others_frames_readable`` in ``threadctx._ops.report`` and docs/reliability.md); the tests of that
+    branch run everywhere, with ``sys._is_gil_enabled`` answering False.
+    """
+    if item.get_closest_marker("other_threads_stacks") is not None:
+        is_gil_enabled = getattr(sys, "_is_gil_enabled", None)  # 3.13+
+        if is_gil_enabled is not None and not is_gil_enabled():
+            pytest.skip(
+                "the GIL is disabled: threadctx does not read another running thread's frames "
+                "(unsafe on a free-threaded build, docs/reliability.md); the report says so instead"
+            )
 
 
 @pytest.fixture(autouse=True)
@@ -134,6 +156,27 @@ def any_runtime(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
     finally:
         otel_context._RUNTIME_CONTEXT = saved
+
+
+@pytest.fixture(params=["compiled", "mirror"])
+def reader(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with the compiled reader, then with the pure-Python mirror; yields which.
+
+    Each test whose answer depends on the reader takes this fixture and names the reader in its
+    assertions.  The compiled one is skipped, with the reason, where it is not loaded (no
+    compiler, a free-threaded build, or ``THREADCTX_PURE_PYTHON=1``).
+    """
+    from threadctx import _current, _runtime
+
+    if request.param == "compiled" and _current.LOADED_READER is None:
+        pytest.skip(
+            "threadctx._ctxread is not built here (no compiler, free-threaded, or THREADCTX_PURE_PYTHON)"
+        )
+    _runtime._use_reader(request.param == "compiled")
+    try:
+        yield request.param
+    finally:
+        _runtime._use_reader(True)  # what was loaded at import
 
 
 @pytest.fixture

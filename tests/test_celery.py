@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -54,9 +57,33 @@ def redis_url() -> Iterator[str]:
             output += line
         try:
             yield f"redis://127.0.0.1:{port}/0"
+            # The module's tests and fixtures closed every connection they opened: none is left to
+            # the garbage collector (whose ResourceWarning, raised in a finalizer, would fail
+            # whichever later test it lands in), and none is still open.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                gc.collect()
+            assert [str(warning.message) for warning in caught] == []
+            assert connections_to(port) == 0
         finally:
             server.terminate()
             server.wait(JOIN)
+
+
+def connections_to(port: int) -> int | None:
+    """How many of this process's sockets are connected to 127.0.0.1:``port``; None without Linux's /proc."""
+    if not os.path.exists("/proc/self/net/tcp"):
+        return None
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    remote = f"0100007F:{port:04X}"  # 127.0.0.1, as /proc/net/tcp writes it
+    with open("/proc/self/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(row[2] == remote and row[9] in inodes for row in rows)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +96,18 @@ def example(redis_url: str) -> Iterator[ModuleType]:
     finally:
         sys.path.remove(str(EXAMPLES))
         _propagation._allowlist = allowlist  # the import added "tenant"; each test adds it itself
-    celery_app.app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    app = celery_app.app
+    # One result backend for every publishing thread (not one per thread), so there is one to close.
+    app.conf.update(broker_url=redis_url, result_backend=redis_url, result_backend_thread_safe=True)
     celery_app.BROKER = redis_url
     yield celery_app
-    threadctx.celery.uninstrument(celery_app.app)
+    threadctx.celery.uninstrument(app)
+    # Every connection the publishing side opened: the broker's (producers and pool), the result
+    # backend's (its pub/sub consumer and its client's pool).
+    app.amqp.producer_pool.force_close_all()
+    app.pool.force_close_all()
+    app.backend.result_consumer.stop()
+    app.backend.client.connection_pool.disconnect()
 
 
 class Worker:

@@ -100,6 +100,7 @@ def command(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.other_threads_stacks
 def test_dump_prints_the_report_of_the_other_process(target: Target, runtime_dir: Path) -> None:
     result = command("dump", str(target.pid))
     assert result.returncode == 0, result.stderr

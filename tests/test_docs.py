@@ -167,6 +167,7 @@ def test_the_logging_pages_output_blocks_are_what_its_program_prints(tmp_path: P
     assert masked(result.stdout) == masked(expected)
 
 
+@pytest.mark.other_threads_stacks
 def test_the_operations_page_prints_what_it_shows(tmp_path: Path) -> None:
     """The watchdog's line, the metric and the dump's order are what the page's output blocks show."""
     page = (DOCS / "operations.md").read_text()

@@ -12,7 +12,7 @@ import textwrap
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -65,6 +65,7 @@ def block(report: str, name: str) -> str:
     return match[0]
 
 
+@pytest.mark.other_threads_stacks
 def test_dump_describes_every_thread_with_its_context_and_stack(busy_threads: None) -> None:
     report = threadctx.dump()
     listed = len(re.findall(r"^Thread ", report, re.M))
@@ -84,6 +85,7 @@ def test_dump_describes_every_thread_with_its_context_and_stack(busy_threads: No
     assert "threadctx/_ops/" not in main, "the report's own frames are left out"
 
 
+@pytest.mark.other_threads_stacks
 def test_frames_limits_the_stack(busy_threads: None) -> None:
     assert "File " not in threadctx.dump(frames=0)
     worker = block(threadctx.dump(frames=1, source=False), "pool_0")
@@ -92,6 +94,7 @@ def test_frames_limits_the_stack(busy_threads: None) -> None:
         threadctx.dump(frames=-1)
 
 
+@pytest.mark.other_threads_stacks
 @needs_sigusr1
 def test_the_signal_writes_the_report_to_a_file_descriptor(busy_threads: None) -> None:
     read_end, write_end = os.pipe()
@@ -250,6 +253,7 @@ def test_dump_escapes_correlation_values_so_none_forges_a_thread(busy_threads: N
     assert escaped in block(report, "MainThread")
 
 
+@pytest.mark.other_threads_stacks
 def test_dump_escapes_file_names_so_none_forges_a_thread() -> None:
     """Code compiled under a name with a line feed (a template, say) stays on its stack line."""
     started, release = threading.Event(), threading.Event()
@@ -390,18 +394,72 @@ def test_no_warning_on_threadctx_runtime_context(monkeypatch: pytest.MonkeyPatch
     assert "note:" not in threadctx.dump(frames=0)
 
 
+def signal_report() -> str:
+    """The report the dump signal writes to a file descriptor (the handler runs in this thread)."""
+    read_end, write_end = os.pipe()
+    previous = threadctx.install_dump_signal(signal.SIGUSR1, file=write_end)
+    try:
+        signal.raise_signal(signal.SIGUSR1)  # the handler has run when this returns
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        return pipe.read()
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        pytest.param(threadctx.dump, id="dump"),
+        pytest.param(
+            signal_report,
+            id="signal",
+            marks=pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist here"),
+        ),
+    ],
+)
 def test_without_the_gil_only_the_calling_threads_stack_is_read(
-    busy_threads: None, monkeypatch: pytest.MonkeyPatch
+    busy_threads: None, monkeypatch: pytest.MonkeyPatch, report: Callable[[], str]
 ) -> None:
-    """A free-threaded build cannot walk the frames of a running thread safely: dump() leaves them out.
+    """A free-threaded build cannot walk the frames of a running thread safely: the report says so.
 
     No free-threaded interpreter is available here, so the build is stood in
-    for by ``sys._is_gil_enabled`` answering False, which is what dump() asks.
+    for by ``sys._is_gil_enabled`` answering False, which is what threadctx asks.
+    (``python -m threadctx dump`` gets the signal's report through a file.)
     """
     monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
-    report = threadctx.dump()
-    worker = block(report, "pool_0")
+    text = report()
+    worker = block(text, "pool_0")
     assert "correlation: request_id=r-7" in worker, "the context is still shown"
     assert "stack not shown: a free-threaded build" in worker
     assert "File " not in worker
-    assert "File " in block(report, "MainThread"), "the calling thread's own stack is safe to read"
+    assert "File " in block(text, "MainThread"), "the calling thread's own stack is safe to read"
+
+
+@pytest.mark.parametrize(
+    ("is_gil_enabled", "readable"),
+    [(None, True), (True, True), (False, False)],
+    ids=["before-3.13", "gil-enabled", "gil-disabled"],
+)
+def test_other_threads_frames_are_read_only_while_the_gil_is_enabled(
+    monkeypatch: pytest.MonkeyPatch, is_gil_enabled: bool | None, readable: bool
+) -> None:
+    """The one decision: sys._is_gil_enabled() where it exists (3.13+), else a GIL build."""
+    from threadctx._ops import report as _report
+
+    if is_gil_enabled is None:
+        monkeypatch.delattr(sys, "_is_gil_enabled", raising=False)
+    else:
+        monkeypatch.setattr(sys, "_is_gil_enabled", lambda: is_gil_enabled, raising=False)
+    assert _report.others_frames_readable() is readable
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, args=(JOIN,))
+    other.start()
+    try:
+        frames = _report.current_frames()
+    finally:
+        release.set()
+        other.join(JOIN)
+    assert frames[threading.get_ident()] is not None
+    assert other.ident in frames
+    assert (frames[other.ident] is not None) is readable

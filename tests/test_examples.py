@@ -9,6 +9,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -180,6 +182,7 @@ def check_stuck_pool_output(lines: list[str]) -> None:
     assert lines[-1] == "done: o0, o1, o2"
 
 
+@pytest.mark.other_threads_stacks
 def test_stuck_pool_example_shows_the_operator_the_stuck_request() -> None:
     result = run("stuck_pool.py")
     assert result.returncode == 0, result.stderr
@@ -187,6 +190,7 @@ def test_stuck_pool_example_shows_the_operator_the_stuck_request() -> None:
     check_stuck_pool_output(result.stdout.splitlines())
 
 
+@pytest.mark.other_threads_stacks
 def test_stuck_pool_example_answers_the_dump_command() -> None:
     """The operator's second process: `python -m threadctx dump PID` while o1 is stuck."""
     env = {key: value for key, value in os.environ.items() if key != "OTEL_PYTHON_CONTEXT"}

@@ -338,6 +338,7 @@ def run_top(terminal: list[Terminal], tmp_path: Path, runtime_dir: Path, *args: 
     return terminal[-1]
 
 
+@pytest.mark.other_threads_stacks
 @tmux_missing
 def test_top_in_a_terminal_shows_the_rows_a_stack_and_quits_on_q(
     service: Service, runtime_dir: Path, tmp_path: Path, terminal: list[Terminal]
@@ -554,6 +555,7 @@ def test_the_page_in_headless_chromium_shows_the_rows_and_no_injected_markup(
     service.release_all()
 
 
+@pytest.mark.other_threads_stacks
 def test_stacks_are_shown_only_when_asked() -> None:
     """Without ``stacks=True`` no frame of the service's code is shown, in JSON or HTML."""
     from threadctx import threadz

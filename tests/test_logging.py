@@ -16,6 +16,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
@@ -650,6 +651,57 @@ def test_the_service_name_appears_once_the_provider_is_set(
     provider_with({"service.name": "late"})
     logger.info("ready")  # the same (empty) context as the start-up line
     assert stream.getvalue() == "|start-up\nlate|ready\n"
+
+
+class ParkingIds(dict[str, str]):
+    """Correlation IDs whose first ``items()`` (the filter building its fields) parks until told to go on."""
+
+    def __init__(self, ids: dict[str, str]) -> None:
+        super().__init__(ids)
+        self.parked, self.go_on, self.first = threading.Event(), threading.Event(), True
+
+    def items(self) -> Any:
+        if self.first:
+            self.first = False
+            self.parked.set()
+            assert self.go_on.wait(JOIN)
+        return super().items()
+
+
+def test_fields_built_before_another_thread_resolved_the_resource_are_not_cached(
+    provider_with: Callable[[dict[str, str] | None], None],
+) -> None:
+    """A line in flight while the provider arrives may miss the name; the next one in its context has it.
+
+    The filter built one thread's fields from the unresolved name, another thread resolved the
+    resource meanwhile, and the first then cached what it had built: that context's lines kept the
+    empty name. Found reading the filter for free-threaded builds; a thread switch did it with the GIL.
+    """
+    logger, stream = make_logger(
+        "resolving", "%(otelServiceName)s|%(message)s", threadctx.ContextFilter("otel-python")
+    )
+    provider_with(None)
+    ids = ParkingIds({"request_id": "r-1"})
+    context = otel_context.set_value(CORRELATION_KEY, ids, Context())
+
+    def log_in_context(message: str) -> None:
+        token = otel_context.attach(context)
+        try:
+            logger.info(message)
+        finally:
+            otel_context.detach(token)
+
+    early = threading.Thread(target=log_in_context, args=("early",))
+    early.start()
+    try:
+        assert ids.parked.wait(JOIN)  # its fields are half built, with no name yet
+        provider_with({"service.name": "late"})
+        logger.info("ready")  # resolves the resource, in this thread
+    finally:
+        ids.go_on.set()
+        early.join(JOIN)
+    log_in_context("again")
+    assert stream.getvalue().splitlines() == ["late|ready", "|early", "late|again"]
 
 
 def test_the_cache_keeps_no_ended_context_alive(tracer: trace.Tracer) -> None:

@@ -1,7 +1,7 @@
 """snapshot() and dump() read what each thread runs in now: the compiled reader and the mirror, side by side.
 
 Every behaviour runs on both readers in the same process (the ``reader``
-fixture switches between threads' lives), and a subprocess checks that
+fixture of conftest.py switches between threads' lives), and a subprocess checks that
 ``THREADCTX_PURE_PYTHON=1`` selects the mirror at import.  Where the mirror
 cannot know (a thread inside ``contextvars.Context.run`` once it returns, a
 thread that never touched threadctx), the test asserts its documented limit,
@@ -23,7 +23,7 @@ import textwrap
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import Context, copy_context
 from pathlib import Path
@@ -33,26 +33,12 @@ from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
-from threadctx import _current, _runtime
+from threadctx import _current
 
 JOIN = 30
 SOURCE = Path(_current.__file__).with_name("_ctxread.c")
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 HEADERS = Path(sysconfig.get_paths()["include"], "Python.h").exists()
-
-
-@pytest.fixture(params=["compiled", "mirror"])
-def reader(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test with the compiled reader, then with the pure-Python mirror."""
-    if request.param == "compiled" and _current.LOADED_READER is None:
-        pytest.skip(
-            "threadctx._ctxread is not built here (no compiler, free-threaded, or THREADCTX_PURE_PYTHON)"
-        )
-    _runtime._use_reader(request.param == "compiled")
-    try:
-        yield request.param
-    finally:
-        _runtime._use_reader(True)
 
 
 def request_ids(ident: int | None) -> list[str | None]:
@@ -460,7 +446,7 @@ def test_the_reader_compiles_cleanly_with_all_warnings(tmp_path: Path) -> None:
 
 def test_the_reader_rejects_what_is_not_a_contextvar() -> None:
     if _current.LOADED_READER is None:
-        pytest.skip("threadctx._ctxread is not built here")
+        pytest.skip("threadctx._ctxread is not loaded (not built, free-threaded, or THREADCTX_PURE_PYTHON)")
     with pytest.raises(TypeError):
         _current.LOADED_READER("not a ContextVar")  # type: ignore[arg-type]
 

@@ -6,16 +6,26 @@ import _thread
 import ctypes
 import ctypes.util
 import gc
+import logging
 import os
+import signal
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
@@ -440,3 +450,183 @@ def test_a_dead_thread_whose_state_is_kept_alive_is_not_listed() -> None:
     assert held[0].ident == ident
     assert held[0].alive() is None
     assert [entry for entry in threadctx.snapshot() if entry.correlation.get("request_id") == "gone"] == []
+
+
+# ---------------------------------------------------------------------------
+# A fork while threadctx's own threads, or the metrics' reader thread, are in the middle of their
+# work: the child's registry holds the forking thread alone, under both readers, and the helper
+# works again in the child. Without the compiled reader, the dump's log thread restarted in the
+# child used to register a second entry there (issue 22).
+
+
+def _child_holds_only_the_forking_thread() -> None:
+    """In a forked child: the registry and snapshot() know the forking thread only."""
+    assert list(_storage._registry) == [_storage.current_state().key]
+    with threadctx.bound(request_id="child"):
+        assert [(entry.thread_id, dict(entry.correlation)) for entry in threadctx.snapshot()] == [
+            (threading.get_ident(), {"request_id": "child"})
+        ]
+
+
+class _ParkingHandler(logging.Handler):
+    """Parks the thread that logs through it, in the parent only, until released; counts the child's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parent = os.getpid()
+        self.parked = threading.Event()
+        self.unpark = threading.Event()
+        self.in_child = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.getpid() != self.parent:
+            self.in_child.set()
+            return
+        self.parked.set()
+        self.unpark.wait(JOIN)
+
+
+@pytest.fixture
+def parking_logger() -> Iterator[tuple[logging.Logger, _ParkingHandler]]:
+    logger = logging.getLogger("threadctx.tests.fork")
+    logger.propagate = False
+    handler = _ParkingHandler()
+    logger.addHandler(handler)
+    yield logger, handler
+    handler.unpark.set()
+    logger.removeHandler(handler)
+    logger.propagate = True
+
+
+@needs_fork
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs SIGUSR1")
+@pytest.mark.fork
+def test_fork_while_the_dump_log_thread_logs(
+    reader: str, parking_logger: tuple[logging.Logger, _ParkingHandler]
+) -> None:
+    """The dump's log thread is parked inside a handler; the child's registry holds the forking thread."""
+    logger, handler = parking_logger
+    previous = threadctx.install_dump_signal(signal.SIGUSR1, logger=logger)
+    try:
+        signal.raise_signal(signal.SIGUSR1)
+        assert handler.parked.wait(JOIN)
+
+        def child() -> None:
+            _child_holds_only_the_forking_thread()
+            signal.raise_signal(signal.SIGUSR1)  # the log thread, started again, logs the report
+            assert handler.in_child.wait(JOIN)
+            _child_holds_only_the_forking_thread()
+
+        assert _fork(child) == 0
+    finally:
+        handler.unpark.set()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@needs_fork
+@pytest.mark.fork
+def test_fork_while_the_watchdog_logs_in_a_stuck_threads_context(
+    reader: str, parking_logger: tuple[logging.Logger, _ParkingHandler], tracer_provider: TracerProvider
+) -> None:
+    """The watchdog is parked in a handler with the stuck request's context attached.
+
+    Neither the parent's snapshot() nor the child's registry shows it as a second holder.
+    """
+    logger, handler = parking_logger
+    release = threading.Event()
+    serving = threading.Event()
+
+    def serve() -> None:
+        with (
+            tracer_provider.get_tracer("t").start_as_current_span("stuck"),
+            threadctx.bound(request_id="stuck"),
+        ):
+            serving.set()
+            release.wait(JOIN)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    watchdog = None
+    try:
+        assert serving.wait(JOIN)
+        watchdog = threadctx.start_watchdog(threshold=1e-3, interval=1e-3, logger=logger)
+        assert handler.parked.wait(JOIN)
+        stuck = [
+            entry.thread_id
+            for entry in threadctx.snapshot()
+            if entry.correlation.get("request_id") == "stuck"
+        ]
+        assert stuck == [server.ident]
+
+        def child() -> None:
+            _child_holds_only_the_forking_thread()
+            assert watchdog is not None
+            assert watchdog.running  # started again in the child
+
+        assert _fork(child) == 0
+    finally:
+        handler.unpark.set()
+        if watchdog is not None:
+            watchdog.stop(JOIN)
+        release.set()
+        server.join(JOIN)
+
+
+class _ParkingExporter(MetricExporter):
+    """Parks the SDK's reader thread in export (its own context attached), in the parent only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parent = os.getpid()
+        self.exported: list[str] = []
+        self.parked = threading.Event()
+        self.release = threading.Event()
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        if os.getpid() == self.parent and not self.release.is_set():
+            self.exported += [
+                metric.name
+                for resource in metrics_data.resource_metrics
+                for scope in resource.scope_metrics
+                for metric in scope.metrics
+            ]
+            self.parked.set()
+            self.release.wait(JOIN)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.release.set()
+
+
+@needs_fork
+@pytest.mark.fork
+def test_fork_while_the_metrics_reader_thread_exports(reader: str) -> None:
+    """The SDK's periodic reader ran threadctx's callbacks and is parked exporting, in its own context."""
+    exporter = _ParkingExporter()
+    metric_reader = PeriodicExportingMetricReader(exporter, export_interval_millis=10)
+    provider = MeterProvider(metric_readers=[metric_reader])
+    parent = os.getpid()
+    child_may_collect = (
+        threading.Event()
+    )  # never set: the child's reader thread waits in its first collection
+
+    def gate(options: CallbackOptions) -> list[Observation]:
+        if os.getpid() != parent:
+            child_may_collect.wait()  # before the SDK attaches its context, so the child's checks are exact
+        return []
+
+    try:
+        threadctx.instrument_metrics(provider)
+        provider.get_meter("threadctx.tests").create_observable_gauge("tests.gate", callbacks=[gate])
+        assert exporter.parked.wait(JOIN)
+        assert "threadctx.threads.busy" in exporter.exported
+
+        assert _fork(_child_holds_only_the_forking_thread) == 0
+    finally:
+        exporter.release.set()
+        provider.shutdown()

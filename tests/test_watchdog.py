@@ -86,6 +86,7 @@ def in_span(provider: TracerProvider, name: str, **ids: str) -> Callable[[], Exi
     return enter
 
 
+@pytest.mark.other_threads_stacks
 def test_a_stuck_span_is_reported_once_with_the_stuck_threads_ids(
     tracer_provider: TracerProvider, records: Records
 ) -> None:
@@ -133,6 +134,31 @@ def test_a_stuck_span_is_reported_once_with_the_stuck_threads_ids(
     assert "correlation: request_id=r-1 tenant=acme thread=t" in message
     assert "started_at=" in message
     assert "in run\n      self.release.wait(JOIN)" in message, "the stuck thread's innermost frames"
+
+
+def test_without_the_gil_the_warning_says_why_it_shows_no_stack(
+    tracer_provider: TracerProvider, records: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A free-threaded build (stood in for by ``sys._is_gil_enabled`` answering False): ids, no stack.
+
+    The watchdog reads no other thread's frames there (see ``others_frames_readable``); the warning
+    still names the stuck request, and says why its stack is missing.
+    """
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    stuck = Stuck("pool_0", in_span(tracer_provider, "charge card", request_id="r-1"))
+    try:
+        with threadctx.start_watchdog(threshold=THRESHOLD, interval=INTERVAL, logger="test.watchdog"):
+            (record, *_) = records.wait_for(lambda records: len(records) >= 1)
+    finally:
+        stuck.stop()
+    message = record.getMessage()
+    assert record.request_id == "r-1"  # type: ignore[attr-defined]
+    assert "correlation: request_id=r-1" in message
+    assert message.endswith(
+        "  stack (innermost last):\n"
+        "    (stack not shown: a free-threaded build cannot read a running thread's frames safely)"
+    )
+    assert "File " not in message
 
 
 def test_a_record_factory_that_sets_trace_id_keeps_it_and_the_warning_comes(

@@ -28,6 +28,7 @@ __all__ = [
     "OTEL_INSTRUMENTED",
     "OTEL_THREAD_CONTEXT",
     "RuntimeContext",
+    "active_thread",
     "active_threads",
     "is_wrapt_proxy",
     "rewrap_otel_grpc_behavior",
@@ -61,6 +62,11 @@ def active_threads() -> dict[int, threading.Thread]:
     is atomic.
     """
     return threading._active.copy()  # type: ignore[attr-defined,no-any-return]
+
+
+def active_thread(ident: int) -> threading.Thread | None:
+    """The thread ``threading`` knows by ``ident``, or None; without its lock, as active_threads()."""
+    return threading._active.get(ident)  # type: ignore[attr-defined,no-any-return]
 
 
 def runtime_context() -> object:

@@ -241,6 +241,9 @@ class ContextFilter(logging.Filter):
     def _compute(self, context: Any) -> dict[str, Any]:
         if self._pending:
             self._resolve()
+        # Read before the fields are built: if another thread resolves meanwhile, what is built here
+        # from the values before must not be cached after it.
+        cacheable = not self._pending
         # What trace.get_current_span() and correlation() read, without their calls (a Context is a dict).
         span = context.get(_SPAN_KEY) if _SPAN_KEY else trace.get_current_span(context)
         span_context = span.get_span_context() if span is not None else trace.INVALID_SPAN_CONTEXT
@@ -251,7 +254,7 @@ class ContextFilter(logging.Filter):
             (trace_id, span_id, flags) if valid else None,
             (context.get(CORRELATION_KEY) or _NO_IDS) if self.stamp_correlation else _NO_IDS,
         )
-        if not self._pending:  # cache only what will not change (see _resolve)
+        if cacheable:  # cache only what will not change (see _resolve)
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.clear()
             # A weak reference: the cache must not keep ended requests' contexts (and spans) alive.

@@ -19,20 +19,24 @@ and :func:`live_states` reads it.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from threadctx import _current
-from threadctx._compat import active_threads
+from threadctx._compat import active_thread, active_threads
 
 if TYPE_CHECKING:
     from opentelemetry.context.context import Context
 
 __all__ = [
     "LiveThread",
+    "OwnThread",
+    "at_fork_in_child",
     "current_state",
     "delete_thread_storage",
     "get_thread_storage",
@@ -81,6 +85,26 @@ def _forget(ref: weakref.ref[_ThreadState], key: int) -> None:
         _registry.pop(key, None)
 
 
+class OwnThread(threading.Thread):
+    """A daemon thread of threadctx's own (the dump's log thread, the watchdog).
+
+    It runs ``target`` in a new, empty ``contextvars.Context``, whatever the
+    context it was started in (Python 3.14's ``thread_inherit_context``,
+    ``instrument_threading()``): it serves no request.  It is never in the
+    registry and never listed by :func:`live_states`, whatever it attaches
+    (the watchdog logs in a stuck thread's context), so a forked child's
+    registry holds the forking thread alone.  A forked child has none of
+    them: each owner starts its own again through :func:`at_fork_in_child`.
+    """
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        super().__init__(target=contextvars.Context().run, args=(target,), name=name, daemon=True)
+
+
+def _is_own(thread: threading.Thread | None) -> bool:
+    return isinstance(thread, OwnThread)
+
+
 class _Local(threading.local):
     """Runs ``__init__`` once in each thread, on that thread's first access."""
 
@@ -90,7 +114,8 @@ class _Local(threading.local):
         self.alive = _Alive()
         state = _ThreadState(weakref.ref(self.alive))
         key = state.key
-        _registry[key] = weakref.ref(state, lambda ref: _forget(ref, key))
+        if not _is_own(active_thread(state.ident)):  # threadctx's own threads are never listed
+            _registry[key] = weakref.ref(state, lambda ref: _forget(ref, key))
         self.state = state
 
 
@@ -183,20 +208,38 @@ def live_states() -> dict[int, LiveThread]:
     if contexts:
         threads = active_threads()
         for ident, (read_native_id, context) in contexts.items():
+            if _is_own(threads.get(ident)):
+                continue  # threadctx's own: the watchdog holds a stuck thread's context while it logs
             # Python 3.10's thread states carry no native id: threading knows it where it knows the thread.
             native_id = read_native_id or getattr(threads.get(ident), "native_id", None) or 0
             live[ident] = LiveThread(ident, native_id, None, context)
     return live
 
 
+#: Each owner's way to start its threads again in a forked child; see at_fork_in_child.
+_restarts: list[Callable[[], None]] = []
+
+
+def at_fork_in_child(restart: Callable[[], None]) -> None:
+    """Call ``restart`` in a forked child, once the registry holds only the forking thread.
+
+    The one way threadctx's modules restart their :class:`OwnThread` threads
+    after ``fork``: the registry is cleaned first, whatever order the modules
+    were imported in, then each ``restart`` runs in the order given.
+    """
+    _restarts.append(restart)
+
+
 def _after_fork_in_child() -> None:
-    """Keep only the forking thread's entry; the other threads are gone."""
+    """Keep only the forking thread's entry (the other threads are gone), then restart threadctx's own."""
     state = local.state
     state.ident = threading.get_ident()
     state.native_id = threading.get_native_id()
     for key in list(_registry):
         if key != state.key:
             _registry.pop(key, None)
+    for restart in _restarts:
+        restart()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only

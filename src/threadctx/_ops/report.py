@@ -14,7 +14,16 @@ from threadctx._reader import reader_info
 from threadctx._snapshot import ThreadSnapshot, foreign_runtime, snapshot, warn_if_foreign_runtime
 from threadctx._text import printable
 
-__all__ = ["DUMP_THREAD_NAME", "NO_STACK", "current_frames", "describe_span", "dump", "report", "stack"]
+__all__ = [
+    "DUMP_THREAD_NAME",
+    "NO_STACK",
+    "current_frames",
+    "describe_span",
+    "dump",
+    "others_frames_readable",
+    "report",
+    "stack",
+]
 
 #: The name of the thread that logs reports for the signal (left out of the report).
 DUMP_THREAD_NAME = "threadctx-dump"
@@ -50,18 +59,34 @@ def stack(frame: FrameType | None, limit: int, source: bool) -> list[str]:
 NO_STACK = "    (stack not shown: a free-threaded build cannot read a running thread's frames safely)"
 
 
-def current_frames() -> dict[int, FrameType | None]:
-    """Each thread's innermost frame, by ident; on a free-threaded build, only the calling thread's.
+def others_frames_readable() -> bool:
+    """Whether this thread may walk other threads' frames now: only while a GIL keeps them still.
 
-    ``sys._current_frames()`` gathers the frames with the world stopped, but
-    the world runs again before anyone reads them: without the GIL, walking
-    a frame that its thread is executing is not safe (the free-threading
-    HOWTO, "Frame objects").  With the GIL the other threads are paused while
-    this thread runs Python code, so their frames hold still.
+    ``sys._current_frames()`` is ``_PyThread_CurrentFrames`` in CPython's
+    ``Python/pystate.c``.  On a free-threaded build it stops the world only
+    while it gathers the frame objects (3.14 and main: ``_PyEval_StopTheWorldAll``
+    and ``HEAD_LOCK``, then ``HEAD_UNLOCK`` and ``_PyEval_StartTheWorldAll``
+    before the dict is returned; the stop came with gh-117300 in 3.13).  The
+    walk that follows (``f_back``, ``f_lineno``, ``f_code``) runs with the
+    world running again, against frames their threads are executing and
+    popping: gh-118680 (a crash, 3.13), gh-128421 (3.14 locks frame objects,
+    and its pull request says reading the line number of a frame another
+    thread still runs may crash the interpreter), gh-152355 (a use-after-free
+    from pure Python, 2026).  With the GIL (every build before 3.13, and a
+    free-threaded one where ``sys._is_gil_enabled()`` is true) the other
+    threads hold still while this one runs Python code.
+    """
+    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)  # 3.13+
+    return is_gil_enabled is None or bool(is_gil_enabled())
+
+
+def current_frames() -> dict[int, FrameType | None]:
+    """Each thread's innermost frame, by ident; only the calling thread's unless others_frames_readable().
+
+    The others are then listed with None: the report says why it shows no stack.
     """
     frames: dict[int, FrameType | None] = dict(sys._current_frames())
-    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
-    if is_gil_enabled is not None and not is_gil_enabled():
+    if not others_frames_readable():
         me = threading.get_ident()
         frames = {ident: (frame if ident == me else None) for ident, frame in frames.items()}
     return frames

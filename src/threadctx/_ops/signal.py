@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import signal
 import sys
@@ -14,12 +13,10 @@ from collections.abc import Callable
 from types import FrameType
 from typing import IO, Any
 
-from opentelemetry.context import Context
-
-from threadctx._carry import run_in
 from threadctx._ops.exchange import answer_request, write_fd
 from threadctx._ops.report import DUMP_THREAD_NAME, report
 from threadctx._snapshot import warn_if_foreign_runtime
+from threadctx._storage import OwnThread, at_fork_in_child
 
 __all__ = ["install_dump_signal"]
 
@@ -36,11 +33,7 @@ class _LogThread:
         self.start()
 
     def start(self) -> None:
-        # In an empty context: it serves no request, also where its starter's context would be
-        # inherited (Python 3.14's thread_inherit_context, instrument_threading()).
-        self.thread = threading.Thread(
-            target=run_in, args=(Context(), self.run), name=DUMP_THREAD_NAME, daemon=True
-        )
+        self.thread = OwnThread(self.run, DUMP_THREAD_NAME)
         self.thread.start()
 
     def run(self) -> None:
@@ -61,8 +54,7 @@ def _restart_log_thread_in_child() -> None:
         _log_thread.start()
 
 
-if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
-    os.register_at_fork(after_in_child=_restart_log_thread_in_child)  # once, for every install
+at_fork_in_child(_restart_log_thread_in_child)  # once, for every install
 
 
 def install_dump_signal(

@@ -12,7 +12,6 @@ import atexit
 import contextlib
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -20,22 +19,17 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from opentelemetry import context as otel_context
-from opentelemetry.context import Context
 
-from threadctx._carry import run_in
 from threadctx._filter import RESERVED
-from threadctx._ops.report import current_frames, describe_span, stack
+from threadctx._ops.report import NO_STACK, current_frames, describe_span, stack
 from threadctx._snapshot import ThreadSnapshot, snapshot, warn_if_foreign_runtime
+from threadctx._storage import OwnThread, at_fork_in_child
 from threadctx._text import printable
 
 __all__ = ["Ages", "Watchdog", "start_watchdog"]
 
 _THREAD_NAME = "threadctx-watchdog"
 _FRAMES = 8
-
-#: Idents of threadctx's own threads, which hold another thread's context for a moment (to log
-#: in it): they are never counted as serving a span.
-_own_threads: set[int] = set()
 
 _SpanKey = tuple[int, str, str | None]
 
@@ -59,7 +53,7 @@ class Ages:
         seen: dict[_SpanKey, float] = {}
         result = []
         for entry in entries:
-            if entry.trace_id is None or entry.thread_id in _own_threads:
+            if entry.trace_id is None:  # snapshot() never lists threadctx's own threads (OwnThread)
                 continue
             key = (entry.thread_id, entry.trace_id, entry.span_id)
             first = seen[key] = self._first_seen.get(key, now)
@@ -95,25 +89,17 @@ class Watchdog:
     def _start(self) -> None:
         """Start the thread (also in a forked child, whose copy of the old one's lock may be held)."""
         self._stopping = threading.Event()
-        # In an empty context, whatever its starter's (see _ops.signal._LogThread.start).
-        self._thread = threading.Thread(
-            target=run_in, args=(Context(), self._run), name=_THREAD_NAME, daemon=True
-        )
+        self._thread = OwnThread(self._run, _THREAD_NAME)
         _running.append(self)
         self._thread.start()
 
     def _run(self) -> None:
-        me = threading.get_ident()
-        _own_threads.add(me)
-        try:
-            # Event.wait refuses more than TIMEOUT_MAX (some 292 years): a longer interval never ends anyway.
-            while not self._stopping.wait(min(self.interval, threading.TIMEOUT_MAX)):
-                try:
-                    self._check()
-                except Exception as error:  # a bug must not end the watching: say so once
-                    self._report(error)
-        finally:
-            _own_threads.discard(me)
+        # Event.wait refuses more than TIMEOUT_MAX (some 292 years): a longer interval never ends anyway.
+        while not self._stopping.wait(min(self.interval, threading.TIMEOUT_MAX)):
+            try:
+                self._check()
+            except Exception as error:  # a bug must not end the watching: say so once
+                self._report(error)
 
     def _check(self) -> None:
         busy = self._ages.busy(snapshot(), time.time())
@@ -126,7 +112,12 @@ class Watchdog:
         try:
             for entry, key, age in new:
                 self._reported.add(key)
-                self._warn(entry, age, stack(frames.get(entry.thread_id), _FRAMES, source=True))
+                frame = frames.get(entry.thread_id)
+                if frame is not None:
+                    lines = stack(frame, _FRAMES, source=True)
+                else:  # a free-threaded build says why; a thread that ended meanwhile has none
+                    lines = [NO_STACK] if entry.thread_id in frames else []
+                self._warn(entry, age, lines)
         finally:
             del frames  # this thread's own frame is among them: no cycle left behind
 
@@ -201,7 +192,6 @@ _running: list[Watchdog] = []
 
 def _restart_in_child() -> None:
     """In a forked child only the forking thread exists: start each watchdog's thread again, once."""
-    _own_threads.clear()
     running = _running[:]
     _running.clear()
     for watchdog in running:
@@ -215,8 +205,7 @@ def _stop_all() -> None:
         watchdog.stop(timeout=5.0)
 
 
-if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
-    os.register_at_fork(after_in_child=_restart_in_child)
+at_fork_in_child(_restart_in_child)
 
 
 def start_watchdog(
