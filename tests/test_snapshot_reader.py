@@ -33,9 +33,9 @@ from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
-from threadctx import _current, _runtime
+from _helpers import JOIN, use_reader
+from threadctx import _current
 
-JOIN = 30
 SOURCE = Path(_current.__file__).with_name("_ctxread.c")
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 HEADERS = Path(sysconfig.get_paths()["include"], "Python.h").exists()
@@ -48,11 +48,11 @@ def reader(request: pytest.FixtureRequest) -> Iterator[str]:
         pytest.skip(
             "threadctx._ctxread is not built here (no compiler, free-threaded, or THREADCTX_PURE_PYTHON)"
         )
-    _runtime._use_reader(request.param == "compiled")
+    use_reader(request.param == "compiled")
     try:
         yield request.param
     finally:
-        _runtime._use_reader(True)
+        use_reader(True)
 
 
 def request_ids(ident: int | None) -> list[str | None]:

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LiveThread",
-    "current_state",
     "delete_thread_storage",
     "get_thread_storage",
     "live_states",
@@ -95,11 +94,6 @@ class _Local(threading.local):
 
 
 local = _Local()
-
-
-def current_state() -> _ThreadState:
-    """The calling thread's state, created on first use."""
-    return local.state
 
 
 def get_thread_storage() -> dict[str, Any]:
