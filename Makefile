@@ -8,7 +8,7 @@ export OTEL_PYTHON_CONTEXT := threadctx
 # several trees: make test-new-pythons SID_ROOT=/path/to/.sid/root
 SID_ROOT ?= .sid/root
 
-.PHONY: demo test lint typecheck pytest pytest-oldest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons clean
+.PHONY: demo test lint typecheck pytest pytest-oldest pytest-newest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons clean
 
 $(VENV)/.installed: pyproject.toml hatch_build.py src/threadctx/_ctxread.c
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ pytest-oldest:  ## the tests on the oldest supported opentelemetry-api and -sdk 
 	$(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/pip install -q -e '.[test-core]' 'opentelemetry-api==1.27.0' 'opentelemetry-sdk==1.27.0'
 	.venv-oldest/bin/pytest
+
+pytest-newest:  ## the tests on the newest opentelemetry-api, -sdk and contrib releases, beside the pinned ones (.ci/pytest-newest)
+	$(PYTHON) .ci/pytest-newest --python $(PYTHON)
 
 test-new-pythons:  ## the tests on Python 3.14 and 3.15, with -X thread_inherit_context=0 and =1 (needs root; builds .sid/ once)
 	SID_ROOT=$(SID_ROOT) .ci/new-pythons
