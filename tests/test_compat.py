@@ -169,10 +169,7 @@ def test_flask_keys_are_the_instrumentors(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_helper_threads_are_recognised_and_plain_ones_are_not() -> None:
     with ThreadPoolExecutor(1) as pool:
-        pool.submit(lambda: None).result(JOIN)
-        (worker,) = [
-            t for t in threading.enumerate() if getattr(t, "_target", None) is futures_thread._worker
-        ]
+        worker = pool.submit(threading.current_thread).result(JOIN)
         assert _compat.serves_many(worker)
     assert not _compat.serves_many(threading.Thread(target=print))
     assert not _compat.serves_many(threading.Thread())
