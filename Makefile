@@ -8,7 +8,7 @@ export OTEL_PYTHON_CONTEXT := threadctx
 # several trees: make test-new-pythons SID_ROOT=/path/to/.sid/root
 SID_ROOT ?= .sid/root
 
-.PHONY: demo test lint typecheck pytest pytest-oldest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons dist check-dist check-wheel pytest-pure pytest-pure-new-python clean
+.PHONY: demo test lint typecheck pytest pytest-oldest pytest-newest test-new-pythons soak soak-new-python docs conformance bench bench-new-pythons dist check-dist check-wheel pytest-pure pytest-pure-new-python clean
 
 # pip 25.1 is the first to install PEP 735 dependency groups (--group); Python 3.10-3.13's venvs start older.
 PIP_FOR_GROUPS := 'pip>=25.1'
@@ -53,6 +53,9 @@ pytest-oldest:  ## the tests on the oldest supported opentelemetry-api and -sdk 
 	.venv-oldest/bin/pip install -q $(PIP_FOR_GROUPS)
 	$(STRICT) .venv-oldest/bin/pip install -q -e . --group test-core 'opentelemetry-api==1.27.0' 'opentelemetry-sdk==1.27.0'
 	.venv-oldest/bin/pytest
+
+pytest-newest:  ## the tests on the newest opentelemetry-api, -sdk and contrib releases, beside the pinned ones (.ci/pytest-newest)
+	$(PYTHON) .ci/pytest-newest --python $(PYTHON)
 
 test-new-pythons:  ## the tests on Python 3.14 and 3.15, with -X thread_inherit_context=0 and =1 (needs root; builds .sid/ once)
 	SID_ROOT=$(SID_ROOT) .ci/new-pythons

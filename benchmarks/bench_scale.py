@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from opentelemetry.sdk.trace import TracerProvider
+from tests._helpers import use_reader
 
 import threadctx
 from threadctx import _current, _runtime
@@ -52,11 +53,11 @@ def parked_threads(count: int) -> Iterator[list[threading.Thread]]:
 
 @contextmanager
 def reader(name: str) -> Iterator[None]:
-    _runtime._use_reader(name == READERS[0])
+    use_reader(name == READERS[0])
     try:
         yield
     finally:
-        _runtime._use_reader(True)
+        use_reader(True)
 
 
 def _median_seconds(func: Callable[[], object], repeat: int) -> float:

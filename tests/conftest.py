@@ -166,17 +166,19 @@ def reader(request: pytest.FixtureRequest) -> Iterator[str]:
     assertions.  The compiled one is skipped, with the reason, where it is not loaded (no
     compiler, a free-threaded build, or ``THREADCTX_PURE_PYTHON=1``).
     """
-    from threadctx import _current, _runtime
+    from _helpers import use_reader
+
+    from threadctx import _current
 
     if request.param == "compiled" and _current.LOADED_READER is None:
         pytest.skip(
             "threadctx._ctxread is not built here (no compiler, free-threaded, or THREADCTX_PURE_PYTHON)"
         )
-    _runtime._use_reader(request.param == "compiled")
+    use_reader(request.param == "compiled")
     try:
         yield request.param
     finally:
-        _runtime._use_reader(True)  # what was loaded at import
+        use_reader(True)  # what was loaded at import
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 import threadctx
-
-JOIN = 30
+from _helpers import JOIN
 
 
 def ids() -> dict[str, str]:

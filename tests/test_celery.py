@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import threadctx
 import threadctx.celery
+from _helpers import Records
 from threadctx import _propagation
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -296,14 +297,8 @@ def test_instrument_is_idempotent_and_uninstrument_restores(example: ModuleType)
 
 def test_an_eager_task_runs_whole_in_its_callers_context_with_its_own_ids(example: ModuleType) -> None:
     """Task.apply: the signal handlers and on_success see the task's id and name too, as the body does."""
-    said: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            said.append(record.getMessage())
-
     log = logging.getLogger("orders")
-    handler, level = Collect(), log.level
+    handler, level = Records(), log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
@@ -319,7 +314,7 @@ def test_an_eager_task_runs_whole_in_its_callers_context_with_its_own_ids(exampl
         {"request_id": "r-eager", "task_id": "eager-1", "task_name": "celery_app.step"}, sort_keys=True
     )
     whats = ("task_prerun", "body", "on_success", "task_success", "task_postrun")
-    assert said == [f"{what} of celery_app.step[eager-1] ids={ids}" for what in whats]
+    assert handler.messages() == [f"{what} of celery_app.step[eager-1] ids={ids}" for what in whats]
 
 
 def test_a_direct_call_is_a_plain_function_call(example: ModuleType) -> None:

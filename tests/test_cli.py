@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import threadctx
+from _helpers import JOIN
 from threadctx._ops import exchange
 
-JOIN = 30
 pytestmark = pytest.mark.skipif(
     not hasattr(signal, "SIGUSR1") or not hasattr(os, "getuid"), reason="needs SIGUSR1 and user ids"
 )

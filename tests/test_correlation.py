@@ -11,10 +11,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
+from _helpers import JOIN
 
 pytestmark = pytest.mark.usefixtures("any_runtime")
-
-JOIN = 30
 
 
 def test_bind_unbind_clear() -> None:

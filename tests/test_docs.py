@@ -36,10 +36,21 @@ def runs_here(block: str) -> bool:
     return newer is None or sys.version_info >= (int(newer["major"]), int(newer["minor"]))
 
 
+INSTRUMENTATION = re.compile(r"^\s*(?:from|import) (opentelemetry\.instrumentation\.\w+)", re.M)
+
+
 def run_page(page: Path, directory: Path) -> subprocess.CompletedProcess[str]:
-    """The page's program, as a script file (so that spawned processes can import it)."""
+    """The page's program, as a script file (so that spawned processes can import it).
+
+    Skipped, with the reason, where an instrumentation package the program imports is not
+    installed (make pytest-newest leaves out one not released with the others yet).
+    """
+    program = "\n\n".join(block for block in BLOCK.findall(page.read_text()) if runs_here(block))
+    for module in sorted(set(INSTRUMENTATION.findall(program))):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{page.name} imports {module}, which is not installed here")
     script = directory / f"{page.stem}_page.py"
-    script.write_text("\n\n".join(block for block in BLOCK.findall(page.read_text()) if runs_here(block)))
+    script.write_text(program)
     return run_script(script, directory)
 
 
@@ -213,7 +224,10 @@ def test_the_readmes_quick_start_logs_outside_a_request_without_a_logging_error(
 
 
 def test_the_presets_table_is_the_codes() -> None:
-    """docs/logging.md's backend table is what threadctx._vendors.table() makes of PRESETS."""
-    from threadctx._vendors import table
-
-    assert table() in (DOCS / "logging.md").read_text()
+    """docs/logging.md's backend table is what docs/presets_table.py makes of PRESETS."""
+    spec = importlib.util.spec_from_file_location("presets_table", DOCS / "presets_table.py")
+    assert spec is not None
+    assert spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.table() in (DOCS / "logging.md").read_text()

@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import threadctx
+from _helpers import JOIN, Records
 
-JOIN = 30
 needs_sigusr1 = pytest.mark.skipif(
     not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 does not exist on this platform"
 )
@@ -113,24 +113,16 @@ def test_the_signal_writes_the_report_to_a_file_descriptor(busy_threads: None) -
 
 @needs_sigusr1
 def test_the_signal_can_log_the_report_from_a_thread_of_its_own(busy_threads: None) -> None:
-    logged = threading.Event()
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-            logged.set()
-
+    handler = Records()
     logger = logging.getLogger("test.dump")
-    logger.addHandler(Keep())
+    logger.addHandler(handler)
     logger.propagate = False
     previous = threadctx.install_dump_signal(signal.SIGUSR1, logger="test.dump")
     try:
         signal.raise_signal(signal.SIGUSR1)
-        assert logged.wait(JOIN)
+        (record,) = handler.wait_for(bool)
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    (record,) = records
     assert record.levelno == logging.WARNING
     assert record.threadName == "threadctx-dump"
     assert "correlation: request_id=r-7" in block(record.getMessage(), "pool_0")

@@ -19,6 +19,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import threadctx
+from _helpers import Records
 from threadctx.asgi import ContextMiddleware as AsgiContextMiddleware
 from threadctx.wsgi import ContextMiddleware
 
@@ -34,20 +35,9 @@ anything = st.one_of(
 FORMAT = "%(trace_id)s %(span_id)s %(trace_flags)s %(request_id)s %(message)s"
 
 
-class Records(logging.Handler):
-    """Every record logged anywhere while a case runs (OpenTelemetry warns about bad headers)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture(scope="module")
 def records() -> Iterator[Records]:
-    handler = Records()
+    handler = Records(logging.DEBUG)
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)

@@ -15,8 +15,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
+from _helpers import JOIN
 
-JOIN = 30
 ORIGINAL_START = threading.Thread.start
 ORIGINAL_SUBMIT = ThreadPoolExecutor.submit
 

@@ -19,8 +19,7 @@ except ImportError:  # opentelemetry-sdk < 1.39 names it InMemoryLogExporter
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
-
-JOIN = 30
+from _helpers import JOIN
 
 
 def hex_ids(span: object) -> tuple[str, str]:

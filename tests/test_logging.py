@@ -27,9 +27,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
+from _helpers import JOIN, Records
 from threadctx._correlation import CORRELATION_KEY
 
-JOIN = 30
 SERVICE = "threadctx-tests"
 
 
@@ -66,19 +66,13 @@ def make_logger(
 
 @pytest.fixture
 def capture() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Keep()
+    handler = Records()
     handler.addFilter(threadctx.ContextFilter())
     logger = logging.getLogger("capture")
     logger.handlers[:] = [handler]
     logger.propagate = False
     logger.setLevel(logging.DEBUG)
-    yield records
+    yield handler.records
     logger.handlers.clear()
 
 

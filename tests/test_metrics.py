@@ -17,8 +17,7 @@ from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
-
-JOIN = 30
+from _helpers import JOIN
 
 
 @pytest.fixture

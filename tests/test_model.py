@@ -30,9 +30,9 @@ from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 import threadctx
+from _helpers import JOIN
 
 THREADS = 3
-JOIN = 30
 EXAMPLES = int(os.environ.get("THREADCTX_MODEL_EXAMPLES", "60"))
 
 Observation = tuple[int | None, tuple[tuple[str, str], ...]]

@@ -17,8 +17,7 @@ from opentelemetry.context.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
-
-JOIN = 30
+from _helpers import JOIN
 
 
 def value() -> object:

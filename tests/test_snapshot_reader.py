@@ -33,9 +33,9 @@ from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
+from _helpers import JOIN
 from threadctx import _current
 
-JOIN = 30
 SOURCE = Path(_current.__file__).with_name("_ctxread.c")
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 HEADERS = Path(sysconfig.get_paths()["include"], "Python.h").exists()

@@ -29,9 +29,8 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
+from _helpers import JOIN
 from threadctx import _storage
-
-JOIN = 30  # seconds: a bound for joins and waits, never a delay
 
 
 def run_in_thread(func: Callable[[], Any], *, daemon: bool = False) -> Any:
@@ -196,7 +195,7 @@ def test_late_cleanup_of_a_dead_thread_never_leaks_into_its_ident_successor() ->
     def first() -> int:
         threadctx.get_thread_storage()["owner"] = "dead"
         threadctx.bind(request_id="dead-request")
-        held.append(_storage.current_state())  # delays the clean-up of this state
+        held.append(_storage.local.state)  # delays the clean-up of this state
         return threading.get_ident()
 
     dead_ident = run_in_thread(first)
@@ -386,7 +385,7 @@ def test_fork_child_holds_only_the_forking_threads_entry() -> None:
         # (the dump signal's logging thread, a watchdog) may hold an entry: with the mirror, their
         # attach of an empty context creates one.
         own = {thread.ident for thread in threading.enumerate() if thread.name.startswith("threadctx-")}
-        me = _storage.current_state()
+        me = _storage.local.state
         states = [ref() for ref in list(_storage._registry.values())]
         assert me.key in _storage._registry
         assert [s.ident for s in states if s is not None and s is not me and s.ident not in own] == []
@@ -443,7 +442,7 @@ def test_a_dead_thread_whose_state_is_kept_alive_is_not_listed() -> None:
 
     def work() -> int:
         threadctx.bind(request_id="gone")
-        held.append(_storage.current_state())
+        held.append(_storage.local.state)
         return threading.get_ident()
 
     ident = run_in_thread(work)
@@ -461,7 +460,7 @@ def test_a_dead_thread_whose_state_is_kept_alive_is_not_listed() -> None:
 
 def _child_holds_only_the_forking_thread() -> None:
     """In a forked child: the registry and snapshot() know the forking thread only."""
-    assert list(_storage._registry) == [_storage.current_state().key]
+    assert list(_storage._registry) == [_storage.local.state.key]
     with threadctx.bound(request_id="child"):
         assert [(entry.thread_id, dict(entry.correlation)) for entry in threadctx.snapshot()] == [
             (threading.get_ident(), {"request_id": "child"})

@@ -11,8 +11,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
-
-JOIN = 30
+from _helpers import JOIN
 
 
 def state() -> tuple[int | None, dict[str, str]]:

@@ -18,29 +18,10 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
+from _helpers import JOIN, Records
 
-JOIN = 30
 # Short enough for a quick test, long enough that a look runs many times in between.
 THRESHOLD, INTERVAL = 0.2, 0.01
-
-
-class Records(logging.Handler):
-    """Keeps the records; wait_for() blocks until a condition on them holds."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-        self.changed = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self.changed:
-            self.records.append(record)
-            self.changed.notify_all()
-
-    def wait_for(self, condition: Callable[[list[logging.LogRecord]], bool]) -> list[logging.LogRecord]:
-        with self.changed:
-            assert self.changed.wait_for(lambda: condition(self.records), JOIN), self.records
-            return list(self.records)
 
 
 @pytest.fixture

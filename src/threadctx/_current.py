@@ -29,7 +29,7 @@ from opentelemetry.context.context import Context
 
 from threadctx import _reader
 
-__all__ = ["CURRENT", "LOADED_READER", "read_contexts", "reader_in_use", "use_reader"]
+__all__ = ["CURRENT", "LOADED_READER", "read_contexts", "reader_in_use"]
 
 #: Each thread's (and asyncio task's) current OpenTelemetry context.
 #: Context is a dict, but OpenTelemetry never mutates one after creating it.
@@ -41,13 +41,8 @@ Reader = Callable[[ContextVar[Context]], dict[int, tuple[int, Context]]]
 #: The compiled reader where it is built, allowed and self-tested; None means the mirror.
 #: ``_reader`` chooses it at import and says why (``threadctx.reader_info()``).
 LOADED_READER: Reader | None = _reader.LOADED
+#: The reader in use: LOADED_READER, or None for the mirror (the tests switch, see tests/_helpers.py).
 _read_contexts: Reader | None = LOADED_READER
-
-
-def use_reader(enabled: bool) -> None:
-    """Use the compiled reader where it is loaded (``enabled``), else the mirror; see ``_runtime``."""
-    global _read_contexts  # noqa: PLW0603 - set once at import, and by tests between threads' lives
-    _read_contexts = LOADED_READER if enabled else None
 
 
 def reader_in_use() -> bool:

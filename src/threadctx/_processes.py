@@ -16,7 +16,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class _InContext(Generic[P, R]):
+class InContext(Generic[P, R]):
     """A picklable call of ``fn`` in the context that ``headers`` describe."""
 
     __slots__ = ("fn", "headers")
@@ -60,7 +60,7 @@ def wrap_process(fn: Callable[P, R]) -> Callable[P, R]:
 
     .. versionadded:: 0.1.0
     """
-    return _InContext(fn, process_carrier())
+    return InContext(fn, process_carrier())
 
 
 class ContextProcessPoolExecutor(ProcessPoolExecutor):

@@ -78,6 +78,7 @@ class ThreadRuntimeContext(RuntimeContext):
         local.state.context = CURRENT.get(None)
 
 
+#: Every instance, so that a switch of reader (tests/_helpers.py: use_reader) reaches each one.
 _instances: weakref.WeakSet[ThreadRuntimeContext] = weakref.WeakSet()
 
 
@@ -93,13 +94,3 @@ def _choose_methods(runtime: ThreadRuntimeContext) -> None:
     else:
         runtime.__dict__.pop("attach", None)
         runtime.__dict__.pop("detach", None)
-
-
-def _use_reader(enabled: bool) -> None:
-    """Read contexts with the compiled reader (``enabled``, where it is loaded) or through the mirror.
-
-    Chosen once at import; tests and benchmarks switch between threads' lives.
-    """
-    _current.use_reader(enabled)
-    for runtime in list(_instances):
-        _choose_methods(runtime)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from threadctx._compat import active_threads, runtime_context
 from threadctx._correlation import correlation as correlation_of
+from threadctx._current import CURRENT
 from threadctx._runtime import ThreadRuntimeContext
 from threadctx._storage import LiveThread, live_states
 
@@ -76,6 +77,10 @@ _warned_foreign_runtime = False
 def foreign_runtime() -> str | None:
     """The class name of OpenTelemetry's runtime context when it is not threadctx's, else None."""
     runtime = runtime_context()
+    if runtime is None:  # the API's global is out of reach (see _compat): ask the context itself
+        from opentelemetry import context as otel_context
+
+        return None if otel_context.get_current() is CURRENT.get() else "an unknown one"
     return None if isinstance(runtime, ThreadRuntimeContext) else type(runtime).__name__
 
 

@@ -37,7 +37,6 @@ __all__ = [
     "LiveThread",
     "OwnThread",
     "at_fork_in_child",
-    "current_state",
     "delete_thread_storage",
     "get_thread_storage",
     "live_states",
@@ -120,11 +119,6 @@ class _Local(threading.local):
 
 
 local = _Local()
-
-
-def current_state() -> _ThreadState:
-    """The calling thread's state, created on first use."""
-    return local.state
 
 
 def get_thread_storage() -> dict[str, Any]:

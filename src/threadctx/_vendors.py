@@ -1,8 +1,9 @@
 """What each logging backend expects: one entry per backend, and the one function that applies it.
 
-Adding a backend is one :data:`PRESETS` entry (and its test and JSON example in
-docs/logging.md). Nothing here reads the current context: :mod:`threadctx._filter`
-does that, and asks this module how to write what it found.
+Adding a backend is one :data:`PRESETS` entry (and its test, its JSON example in
+docs/logging.md, and the presets table there, which ``python docs/presets_table.py``
+prints). Nothing here reads the current context: :mod:`threadctx._filter` does that,
+and asks this module how to write what it found.
 """
 
 from __future__ import annotations
@@ -162,35 +163,3 @@ def gcp_project(attributes: Mapping[str, object], environ: Mapping[str, str] = o
     if attributes.get("cloud.provider") == "gcp" and attributes.get("cloud.account.id"):
         return str(attributes["cloud.account.id"])
     return environ.get("GOOGLE_CLOUD_PROJECT") or None
-
-
-def _describe(names: FieldNames) -> tuple[str, str, str]:
-    """(fields, value format, outside a span) of one entry, for the docs table."""
-    written = [f"`{getattr(names, key)}`" for key in NAME_KEYS if getattr(names, key) is not None]
-    if names.trace_id is None:
-        fmt = "-"
-    elif names.id_format == "datadog":
-        fmt = "decimal; trace id in 32 hex digits when its high 64 bits are non-zero"
-    elif names.id_format == "gcp":
-        fmt = "`projects/PROJECT/traces/` + 32 hex; span id 16 hex"
-    else:
-        fmt = "32 and 16 lowercase hex digits"
-    if names.trace_id is None:
-        outside = "-"
-    elif names.without_span == "omit":
-        outside = "nothing"
-    else:
-        outside = f"`{names.missing_trace_id}`" if len(names.missing_trace_id) < 4 else "zeros"
-    return " ".join(written) or "-", fmt, outside
-
-
-def table() -> str:
-    """The presets as the Markdown table of docs/logging.md (a test checks that they agree)."""
-    lines = [
-        "| preset | fields | ids | outside a span | follows |",
-        "|---|---|---|---|---|",
-    ]
-    for preset, names in PRESETS.items():
-        written, fmt, outside = _describe(names)
-        lines.append(f"| `{preset}` | {written} | {fmt} | {outside} | <{names.source}> |")
-    return "\n".join(lines) + "\n"

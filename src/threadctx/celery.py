@@ -29,7 +29,6 @@ current span, and the correlation IDs are bound under it from the body on.
 
 from __future__ import annotations
 
-import importlib
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -41,7 +40,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate as otel_propagate
 from opentelemetry.propagators.textmap import Getter
 
-from threadctx._compat import CELERY_TRACER_SITES
+from threadctx._compat import celery_tracer_modules
 from threadctx._correlation import correlation, merged
 from threadctx._propagation import decode_ids, encode_ids, extract, propagated, valid_ids
 
@@ -195,11 +194,16 @@ def instrument(app: Celery) -> None:
     publishes, ``on_success``/``on_failure`` and the other signal handlers.
     The thread is left as it was after each task.
 
+    Raises:
+        RuntimeError: this Celery release has no ``celery.app.trace.build_tracer``,
+            the hook threadctx needs (nothing is patched then).
+
     .. versionadded:: 0.1.0
     """
     global _original_call, _original_build_tracer  # noqa: PLW0603 - one process-wide patch
     with _lock:
         if not _apps:
+            modules = celery_tracer_modules()  # raises, before anything is patched, if Celery moved it
             for signal, receiver in _HOOKS:
                 signal.connect(receiver, weak=False, dispatch_uid=f"threadctx.celery.{receiver.__name__}")
             if _original_call is None:
@@ -208,8 +212,7 @@ def instrument(app: Celery) -> None:
             # worker call the task object (not task.run) for every task: that is
             # what lets the body bind the IDs again under OpenTelemetry's span.
             Task.__call__ = _call  # type: ignore[method-assign]
-            for site in CELERY_TRACER_SITES:
-                module = importlib.import_module(site)
+            for module in modules:
                 if _original_build_tracer is None:
                     _original_build_tracer = module.build_tracer
                 if getattr(module, "build_tracer", None) is _original_build_tracer:
@@ -233,8 +236,7 @@ def uninstrument(app: Celery) -> None:
             signal.disconnect(receiver, dispatch_uid=f"threadctx.celery.{receiver.__name__}")
         if _original_call is not None and Task.__dict__.get("__call__") is _call:
             Task.__call__ = _original_call  # type: ignore[method-assign]
-        for site in CELERY_TRACER_SITES:
-            module = importlib.import_module(site)
+        for module in celery_tracer_modules(required=False):
             if getattr(module, "build_tracer", None) is _build_tracer:
                 setattr(module, "build_tracer", _original_build_tracer)  # noqa: B010 - the stubs lack it
 

@@ -50,13 +50,13 @@ except ImportError as error:  # pragma: no cover - the test group installs distr
         "threadctx.dask needs dask.distributed: pip install 'threadctx[dask]' (or pip install distributed)"
     ) from error
 
-from threadctx._processes import _InContext
+from threadctx._processes import InContext
 from threadctx._propagation import process_carrier
 
 __all__ = ["instrument", "is_instrumented", "uninstrument"]
 
 
-class _Task(_InContext[..., Any]):
+class _Task(InContext[..., Any]):
     """A submitted function and its submitter's context: named and tokenized as Dask names the function."""
 
     __slots__ = ()

@@ -30,7 +30,7 @@ import flask
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from threadctx._compat import FLASK_OTEL_SPAN, FLASK_OTEL_STARTED
+from threadctx._compat import flask_otel_keys
 from threadctx._requests import Body, RequestPolicy, new_request_id
 from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
 
@@ -93,7 +93,8 @@ def init_app(
         # The instrumentor's WSGI wrapper ran (it notes the start time) but its before_request
         # hook, which notes the span, has not: it was registered after this one. Move behind
         # it: Flask is iterating the list of hooks, and will call what is appended to it.
-        instrumentor_pending = FLASK_OTEL_STARTED in environ and FLASK_OTEL_SPAN not in environ
+        started, span = flask_otel_keys()
+        instrumentor_pending = started in environ and span not in environ
         if instrumentor_pending and not _otel_excluded(flask.request.url):
             with lock:
                 if not moved:
