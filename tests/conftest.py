@@ -167,7 +167,6 @@ def reader(request: pytest.FixtureRequest) -> Iterator[str]:
     compiler, a free-threaded build, or ``THREADCTX_PURE_PYTHON=1``).
     """
     from _helpers import use_reader
-
     from threadctx import _current
 
     if request.param == "compiled" and _current.LOADED_READER is None:
