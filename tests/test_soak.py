@@ -210,11 +210,20 @@ class Finalized:
         time.sleep(0)  # lets the GIL go: another thread runs in the middle of whoever dropped us
 
 
+#: Not in the OpenTelemetry context, which a read returns: held by the thread's contextvars.Context only.
+PAYLOAD: contextvars.ContextVar[Finalized] = contextvars.ContextVar("threadctx_soak_payload")
+
+
+def enter(context: otel_context.Context) -> None:
+    PAYLOAD.set(Finalized())
+    otel_context.attach(context)
+
+
 def work_in_contexts(number: int) -> None:
     """Context.run, attach/detach and bind, each context holding a :class:`Finalized`; one left to the end."""
     for round_ in range(3):
         context = otel_context.set_value("payload", Finalized(), span_context(number + 1))
-        contextvars.copy_context().run(otel_context.attach, context)  # that context dies with run's
+        contextvars.copy_context().run(enter, context)  # that context dies with run's, maybe in a read
         token = otel_context.attach(context)
         with threadctx.bound(request_id=f"c-{number}-{round_}"):
             threadctx.get_thread_storage()["n"] = number
