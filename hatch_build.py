@@ -89,6 +89,18 @@ def _compile(root: Path, work: Path, strict: bool) -> Path:
     return Path(command.get_ext_fullpath(MODULE))
 
 
+def _replace_file(source: Path, target: Path) -> None:
+    """Put a copy of ``source`` at ``target`` by renaming a new file over it, never writing into it.
+
+    A process that has loaded the old module (a test run, a service running from the tree) keeps
+    the old file mapped: writing into it in place makes that process crash (SIGBUS or SIGSEGV) the
+    next time it touches one of its pages.
+    """
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, staging)
+    os.replace(staging, target)
+
+
 class CtxReadBuildHook(BuildHookInterface):  # type: ignore[type-arg]
     """Adds the compiled reader to the wheel, or leaves the wheel pure Python."""
 
@@ -117,8 +129,7 @@ class CtxReadBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             return
         if version == "editable":
             # The editable wheel points the import system at src/: put the module there.
-            target = root / "src" / "threadctx" / built.name
-            shutil.copyfile(built, target)
+            _replace_file(built, root / "src" / "threadctx" / built.name)
         else:
             build_data["force_include"][str(built)] = f"threadctx/{built.name}"
         build_data["pure_python"] = False

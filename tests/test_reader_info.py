@@ -231,6 +231,51 @@ def test_the_build_hook_reads_the_same_ceiling_and_refuses_beyond_it() -> None:
     assert f"newer than the newest release the reader was checked against ({major}.{minor}" in reason
 
 
+_RUN_THE_OLD_READER = """
+import contextvars, importlib.util, sys
+spec = importlib.util.spec_from_file_location("_ctxread", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+var = contextvars.ContextVar("var")
+var.set("value")
+print("loaded", flush=True)
+sys.stdin.readline()  # the file is replaced meanwhile; contexts() has not run yet: its pages load now
+print(module.contexts(var)[__import__("threading").get_ident()][1], flush=True)
+"""
+
+
+@pytest.mark.skipif(_current.LOADED_READER is None, reason="threadctx._ctxread is not built here")
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows refuses to replace a loaded DLL at all")
+def test_an_editable_rebuild_leaves_processes_running_the_old_reader_alive(tmp_path: Path) -> None:
+    """``pip install -e .`` again (make's venv targets) while a test run or a service has the module loaded.
+
+    The hook used to copy the new module into the loaded file: the running process crashed with
+    SIGBUS the next time it touched the module's pages (a "segfault in garbage collection").
+    """
+    hook = _hatch_build()
+    import threadctx._ctxread as compiled  # type: ignore[import-not-found,unused-ignore]
+
+    target = tmp_path / Path(compiled.__file__).name
+    target.write_bytes(Path(compiled.__file__).read_bytes())
+    with subprocess.Popen(
+        [sys.executable, "-c", _RUN_THE_OLD_READER, str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        assert process.stdin is not None
+        assert process.stdout.readline() == "loaded\n"
+        rebuilt = tmp_path / "rebuilt"
+        rebuilt.write_bytes(b"another build, shorter than the loaded one")
+        hook._replace_file(rebuilt, target)
+        output, _ = process.communicate("\n", timeout=60)
+    assert process.returncode == 0, f"the process running the old module died ({process.returncode})"
+    assert output == "value\n"
+    assert target.read_bytes() == rebuilt.read_bytes()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([target.name, "rebuilt"])
+
+
 @pytest.mark.skipif(sysconfig.get_platform().startswith("win"), reason="the failing compiler is set with CC")
 @pytest.mark.timeout(600)  # a wheel build in a fresh build environment
 def test_a_strict_build_fails_instead_of_falling_back(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import ctypes
+import gc
 import importlib.util
 import os
 import shutil
@@ -25,7 +26,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import Context, copy_context
+from contextvars import Context, ContextVar, copy_context
 from pathlib import Path
 
 import pytest
@@ -492,3 +493,75 @@ def test_the_wheel_holds_the_reader_and_is_pure_python_without_a_compiler(tmp_pa
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     assert not [name for name in zipfile.ZipFile(wheel).namelist() if "_ctxread" in name]
     assert "could not build threadctx._ctxread" in output
+
+
+@pytest.mark.skipif(_current.LOADED_READER is None, reason="threadctx._ctxread is not built here")
+@pytest.mark.skipif(
+    sys.version_info >= (3, 12),
+    reason="Python 3.12+ collects at the next bytecode boundary, never inside the reader's C code",
+)
+def test_threads_ending_in_a_collection_inside_a_read_leave_the_last_reference_to_the_reader() -> None:
+    """Python 3.10 and 3.11 collect inside an allocation: one inside the reader runs Python code.
+
+    The collector's callback lets the other threads leave ``Context.run`` and end while the reader
+    holds their contexts; the reader then drops the last reference, and the finalizers of the
+    contexts' values run inside it and read again.
+    """
+    count = 4
+    parked = threading.Barrier(count + 1)
+    release = threading.Event()
+    died_in_a_read: list[bool] = []
+
+    class Finalized:
+        def __del__(self) -> None:
+            below = sys._getframe().f_back
+            died_in_a_read.append(below is not None and below.f_code.co_name == "read_contexts")
+            _current.read_contexts()  # a read inside the read
+
+    # Not in the OpenTelemetry context, which the read returns: held by the thread's context only.
+    payload: ContextVar[Finalized] = ContextVar("payload")
+
+    def body(number: int) -> None:
+        def inner() -> None:
+            payload.set(Finalized())
+            threadctx.bind(request_id=f"ending-{number}")
+            parked.wait(JOIN)
+            release.wait(JOIN)
+
+        Context().run(inner)  # nothing else holds that context once run returns
+
+    threads = [threading.Thread(target=body, args=(number,)) for number in range(count)]
+    for thread in threads:
+        thread.start()
+    parked.wait(JOIN)
+    inside: list[str] = []
+
+    def during_collection(phase: str, info: dict[str, int]) -> None:
+        below = sys._getframe().f_back
+        if phase == "start" and not inside and below is not None and below.f_code.co_name == "read_contexts":
+            inside.append(phase)
+            release.set()
+            for thread in threads:
+                thread.join(JOIN)
+
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(during_collection)
+    gc.set_threshold(1)
+    try:
+        # No free 2-tuple left: the reader's first one is allocated, and the collector runs there.
+        held = [(number, -number) for number in range(5000)]
+        read = _current.read_contexts()
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(during_collection)
+        release.set()
+        for thread in threads:
+            thread.join(JOIN)
+    del held
+    assert inside, "the collector ran inside the read"
+    assert read is not None
+    ids = {ident: threadctx.correlation(entry[1]).get("request_id") for ident, entry in read.items()}
+    assert [ids.get(thread.ident) for thread in threads] == [f"ending-{n}" for n in range(count)], (
+        "the read shows what the walk saw"
+    )
+    assert True in died_in_a_read, "the reader dropped the last reference to a context"

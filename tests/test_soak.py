@@ -1,11 +1,14 @@
 """Soak and churn: many threads, many records, many forks. CI runs the short form; `make soak` the long one.
 
 THREADCTX_SOAK=long selects the figures of the reliability page: 100,000 threads, 64 threads
-logging 10,000 records each, 200 forks. Each test prints what it ran (see `-s`).
+logging 10,000 records each, 200 forks, 2 minutes of snapshots under thread churn and collector
+pressure. Each test prints what it ran (see `-s`).
 """
 
 from __future__ import annotations
 
+import contextvars
+import ctypes
 import gc
 import io
 import logging
@@ -13,9 +16,11 @@ import logging.handlers
 import os
 import queue
 import re
+import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 
 import pytest
 from opentelemetry import context as otel_context
@@ -23,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 import threadctx
-from threadctx import _storage
+from threadctx import _current, _storage
 
 LONG = os.environ.get("THREADCTX_SOAK") == "long"
 JOIN = 120
@@ -182,3 +187,148 @@ def test_repeated_forks_while_threads_work_every_child_is_usable(capsys: pytest.
             f"\n  forks: {forks} children forked while 4 threads worked; "
             f"slowest child {slowest * 1000:.0f} ms"
         )
+
+
+class Finalized:
+    """A context value whose finalizer runs Python code (a snapshot, a GIL switch) wherever it dies.
+
+    It dies with the last reference to its context: in its own thread, in the collector, or in the
+    compiled reader dropping the reference it took while it walked the threads.
+    """
+
+    finalized = 0
+    #: How many died in the middle of a read: the compiled reader dropping the last reference
+    #: (it runs no Python frame of its own, so the frame below is the one that called it).
+    in_a_read = 0
+
+    def __del__(self) -> None:
+        Finalized.finalized += 1
+        below = sys._getframe().f_back  # None where a thread's end drops it
+        if below is not None and below.f_code.co_name == _current.read_contexts.__name__:
+            Finalized.in_a_read += 1
+        threadctx.snapshot()
+        time.sleep(0)  # lets the GIL go: another thread runs in the middle of whoever dropped us
+
+
+#: Not in the OpenTelemetry context, which a read returns: held by the thread's contextvars.Context only.
+PAYLOAD: contextvars.ContextVar[Finalized] = contextvars.ContextVar("threadctx_soak_payload")
+
+
+def enter(context: otel_context.Context) -> None:
+    PAYLOAD.set(Finalized())
+    otel_context.attach(context)
+
+
+def work_in_contexts(number: int) -> None:
+    """Context.run, attach/detach and bind, each context holding a :class:`Finalized`; one left to the end."""
+    for round_ in range(3):
+        context = otel_context.set_value("payload", Finalized(), span_context(number + 1))
+        contextvars.copy_context().run(enter, context)  # that context dies with run's, maybe in a read
+        token = otel_context.attach(context)
+        with threadctx.bound(request_id=f"c-{number}-{round_}"):
+            threadctx.get_thread_storage()["n"] = number
+        otel_context.detach(token)
+    otel_context.attach(otel_context.set_value("payload", Finalized()))  # dies with the thread
+
+
+class Churn:
+    """Threads start, switch contexts and end while others snapshot, with the collector always running.
+
+    Threads come from ``threading`` and, on Linux, from C (``pthread_create``: CPython links their
+    thread states in without the GIL). The collector runs at every allocation (threshold 1) and in
+    a thread of its own, and the interpreter switches threads as often as it can.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.counts = {"threads": 0, "c_threads": 0, "snapshots": 0, "collections": 0}
+
+    def guarded(self, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except BaseException as exc:
+                self.errors.append(exc)
+                self.stop.set()
+
+        return run
+
+    def churn(self) -> None:
+        number = 0
+        while not self.stop.is_set():
+            batch = [
+                threading.Thread(target=self.guarded(lambda n=number + i: work_in_contexts(n)))
+                for i in range(8)
+            ]
+            for thread in batch:
+                thread.start()
+            for thread in batch:
+                thread.join(JOIN)
+            number += len(batch)
+            self.counts["threads"] += len(batch)
+
+    def churn_from_c(self, libc: ctypes.CDLL) -> None:
+        body = self.guarded(lambda: work_in_contexts(-1))
+        callback = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(lambda _arg: body())
+        while not self.stop.is_set():
+            handle = ctypes.c_ulong()
+            assert libc.pthread_create(ctypes.byref(handle), None, callback, None) == 0
+            libc.pthread_join(handle, None)  # without the GIL, as every ctypes call
+            self.counts["c_threads"] += 1
+
+    def read(self) -> None:
+        while not self.stop.is_set():
+            assert all(isinstance(entry.thread_id, int) for entry in threadctx.snapshot())
+            for ident, (native_id, context) in (_current.read_contexts() or {}).items():
+                assert isinstance(ident, int)
+                assert isinstance(native_id, int)
+                assert isinstance(context, otel_context.Context)
+            self.counts["snapshots"] += 1
+
+    def collect(self) -> None:
+        while not self.stop.is_set():
+            gc.collect()
+            self.counts["collections"] += 1
+
+    def run(self, seconds: float) -> dict[str, int]:
+        """Run for ``seconds``; raise what any thread raised; return what was done."""
+        bodies = [self.churn, self.churn, self.read, self.read, self.collect]
+        if sys.platform == "linux":
+            libc = ctypes.CDLL(None)
+            bodies.append(lambda: self.churn_from_c(libc))
+        threads = [threading.Thread(target=self.guarded(body)) for body in bodies]
+        thresholds, interval = gc.get_threshold(), sys.getswitchinterval()
+        gc.set_threshold(1)
+        sys.setswitchinterval(1e-6)
+        try:
+            for thread in threads:
+                thread.start()
+            self.stop.wait(seconds)
+        finally:
+            self.stop.set()
+            for thread in threads:
+                thread.join(JOIN)
+            gc.set_threshold(*thresholds)
+            sys.setswitchinterval(interval)
+        gc.collect()
+        if self.errors:
+            raise self.errors[0]
+        return self.counts
+
+
+def test_snapshots_while_threads_churn_under_collector_pressure(capsys: pytest.CaptureFixture[str]) -> None:
+    """No crash, no corrupted value: the compiled reader where it is built (else the mirror)."""
+    seconds = 120 if LONG else 3
+    counts = Churn().run(seconds)
+    with capsys.disabled():
+        reader = "compiled reader" if _current.reader_in_use() else "mirror"
+        print(
+            f"\n  snapshots under churn ({reader}, {seconds} s): "
+            + ", ".join(f"{value} {name}" for name, value in counts.items())
+            + f", {Finalized.finalized} finalizers run ({Finalized.in_a_read} in the middle of a read)"
+        )
+    assert counts["snapshots"] > 0
+    assert counts["threads"] > 0
+    assert counts["collections"] > 0
+    assert Finalized.finalized > 0
