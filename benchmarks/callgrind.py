@@ -16,7 +16,11 @@ Workloads (the same code as the timed benchmarks):
 - ``record-bare``, ``record-instrumentor``, ``record-filter``, ``record-floor``: one log record
   in a long span (``bench_logging``), with nothing, LoggingInstrumentor, ContextFilter, the floor;
 - ``mw-none``, ``mw-asgi-correlation-id``, ``mw-threadctx``: one request through the ASGI
-  middleware alone (``bench_asgi``, with an X-Request-ID), and ``mw-threadctx-traceparent``.
+  middleware alone (``bench_asgi``, with an X-Request-ID), and ``mw-threadctx-traceparent``;
+- ``piece-wsgi-0``, ``piece-wsgi-1``: ``bench_request_path``'s WSGI layer (OpenTelemetryMiddleware
+  alone, with ContextMiddleware inside); ``piece-records-0/1/2``: its five records (no injection,
+  LoggingInstrumentor, ContextFilter); ``piece-pool-0/1/2``: its pool task (plain,
+  ThreadingInstrumentor, ``instrument_threading()``).
 
 Usage: ``python -m benchmarks.callgrind [WORKLOAD ...]`` (needs valgrind on PATH).
 """
@@ -33,7 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-N = {"wsgi": 40, "asgi": 40, "record": 400, "mw": 400}
+N = {"wsgi": 40, "asgi": 40, "record": 400, "mw": 400, "piece": 100}
 ENVIRON = {
     "REQUEST_METHOD": "GET",
     "PATH_INFO": "/orders/1",
@@ -60,6 +64,14 @@ WORKLOADS = [
     "mw-asgi-correlation-id",
     "mw-threadctx",
     "mw-threadctx-traceparent",
+    "piece-wsgi-0",
+    "piece-wsgi-1",
+    "piece-records-0",
+    "piece-records-1",
+    "piece-records-2",
+    "piece-pool-0",
+    "piece-pool-1",
+    "piece-pool-2",
 ]
 
 
@@ -126,6 +138,12 @@ def workload(name: str) -> Callable[[int], None]:
         return _wsgi(rest)
     if kind == "asgi":
         return _asgi(rest)
+    if kind == "piece":
+        from benchmarks import bench_request_path
+
+        which, _, index = rest.partition("-")
+        variants = getattr(bench_request_path, f"{which}_variants")()
+        return list(variants.values())[int(index)]
     if kind == "record":
         from benchmarks import bench_logging
 
@@ -153,7 +171,7 @@ def workload(name: str) -> Callable[[int], None]:
 def _env(name: str) -> dict[str, str]:
     env = dict(os.environ, PYTHONHASHSEED="0")
     # The stacks without threadctx run on OpenTelemetry's default runtime context, as in bench_service.
-    if name.endswith(("-b", "-c")):
+    if name.endswith(("-b", "-c")) or name in ("piece-records-1", "piece-pool-1"):
         env.pop("OTEL_PYTHON_CONTEXT", None)
     else:
         env["OTEL_PYTHON_CONTEXT"] = "threadctx"
