@@ -30,6 +30,7 @@ __all__ = [
     "RuntimeContext",
     "active_thread",
     "active_threads",
+    "baggage_key",
     "is_wrapt_proxy",
     "rewrap_otel_grpc_behavior",
     "runtime_context",
@@ -87,6 +88,19 @@ def span_key() -> str:
     except ImportError:  # pragma: no cover - a future opentelemetry-api without it: use the public call
         return ""
     return _SPAN_KEY
+
+
+def baggage_key() -> str:
+    """The context key OpenTelemetry's baggage lives under, or ``""`` where the API has none.
+
+    Reading it from a context (a dict) tells whether there is baggage without
+    ``baggage.get_all()``'s three calls and read-only copy, on every request.
+    """
+    try:
+        from opentelemetry.baggage import _BAGGAGE_KEY
+    except ImportError:  # pragma: no cover - a future opentelemetry-api without it: use the public call
+        return ""
+    return _BAGGAGE_KEY
 
 
 def is_wrapt_proxy(value: object) -> bool:
