@@ -293,8 +293,13 @@ def load(port: int, pid: int, prefix: str, requests: int) -> tuple[float, float]
 Samples = dict[str, dict[str, list[float]]]  # endpoint -> variant -> one value per round
 
 
-def measure(service: Service, requests: int, rounds: int) -> tuple[Samples, Samples]:
-    """Per endpoint, stack and round: server CPU µs per request, and requests per second."""
+def measure(service: Service, requests: int, rounds: int, budget: float = 240.0) -> tuple[Samples, Samples]:
+    """Per endpoint, stack and round: server CPU µs per request, and requests per second.
+
+    At most ``rounds`` rounds, and no new round once ``budget`` seconds are spent (a busy
+    machine serves fewer requests per second): the report says how many ran.
+    """
+    began = time.perf_counter()
     names = list(service.variants)
     cpu: Samples = {path: {v: [] for v in names} for path in service.paths}
     rps: Samples = {path: {v: [] for v in names} for path in service.paths}
@@ -304,6 +309,8 @@ def measure(service: Service, requests: int, rounds: int) -> tuple[Samples, Samp
         for path, variant in batches:  # warm-up
             load(*found[variant], service.paths[path], sent // 4)
         for round_index in range(rounds):
+            if time.perf_counter() - began > budget:
+                break
             shift = round_index % len(batches)
             for path, variant in batches[shift:] + batches[:shift]:
                 seconds, wall = load(*found[variant], service.paths[path], sent)

@@ -67,6 +67,14 @@ HELPERS = (
     "types.py",
 )
 STACKS = ("c", "d")
+HEADING = "### Where the servers spend their time: py-spy profiles under load"
+EXPLANATION = """\
+py-spy (from PyPI) attached to each server process under the same load as above, sampling the
+thread that holds the GIL (`--gil`: the one running Python code), Python frames only. For each
+stack: the frames with the most samples of their own, then the time of each piece that (c) or (d)
+adds over (b), named by its entry point (see `benchmarks/profile_service.py` for the rule), as
+microseconds of GIL-holding time per request. The samples are few (a few thousand per stack), so
+a figure under about 2 µs is a handful of samples."""
 
 
 def py_spy() -> str | None:

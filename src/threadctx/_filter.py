@@ -114,6 +114,10 @@ class ContextFilter(logging.Filter):
     ``QueueListener``'s handler) takes the ids from that mark, not from its own
     thread. It never raises into the logging call and always returns ``True``.
 
+    The options are read-only once the filter is made (each is a property of
+    the same name; ``correlation`` is :attr:`stamp_correlation`): what the
+    filter writes is derived from them once. Make another filter for others.
+
     Args:
         preset: One of :data:`PRESETS`: ``"otel"`` (default), ``"otel-python"``,
             ``"ecs"``, ``"datadog"``, ``"gcp"``, ``"newrelic"``, ``"correlation"``.
