@@ -28,6 +28,7 @@ Usage: ``python -m benchmarks.callgrind [WORKLOAD ...]`` (needs valgrind on PATH
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import subprocess
@@ -224,6 +225,10 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "work":
         run = workload(sys.argv[2])
         run(5)  # warm-up: caches, first-call paths, lazy imports
+        # No cyclic collection inside the counted loop: when one falls depends on every allocation
+        # since start-up, and would move a before/after comparison by more than the change.
+        gc.collect()
+        gc.disable()
         run(int(sys.argv[3]))
     else:
         main(sys.argv[1:])

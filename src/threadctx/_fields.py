@@ -83,6 +83,9 @@ class Stamping:
     missing: Mapping[str, Any] = field(init=False, repr=False)
     protected: frozenset[str] = field(init=False, repr=False)
     default_fields: Mapping[str, str] = field(init=False, repr=False)
+    constant: Mapping[str, str] = field(init=False, repr=False)  # static, then default_fields
+    hex_ids: bool = field(init=False, repr=False)
+    partial: bool = field(init=False, repr=False)  # a trace field left out (its key is None)
     marks: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,11 +98,15 @@ class Stamping:
         protected = RESERVED | set(missing) | {MARKER}
         protected |= {name for name in (names.service, names.env, names.version) if name is not None}
         defaults = {self.prefix + key: value for key, value in self.defaults.items()}
+        default_fields = {key: value for key, value in defaults.items() if key not in protected}
         derived = {
             "trace_names": trace_names,
             "missing": missing,
             "protected": frozenset(protected),
-            "default_fields": {key: value for key, value in defaults.items() if key not in protected},
+            "default_fields": default_fields,
+            "constant": {**self.static, **default_fields},
+            "hex_ids": names.id_format == "hex",
+            "partial": None in trace_names,
             "marks": names.trace_id is not None or names.span_id is not None,
         }
         for name, value in derived.items():
@@ -113,7 +120,6 @@ def span_fields(
 
     Once per context (a cache's miss path, which short requests take often): kept lean.
     """
-    names = stamping.names
     out: dict[Any, Any]  # str keys once None is dropped
     if span is not None:
         trace_int, span_int, flags_int = span
@@ -123,18 +129,19 @@ def span_fields(
             _FLAGS[flags_int & 0xFF],
         )
         mark = trace_hex + span_hex + flags
-        if names.id_format != "hex":
-            trace_hex, span_hex = format_ids(names, trace_int, span_int, stamping.project)
+        if not stamping.hex_ids:
+            trace_hex, span_hex = format_ids(stamping.names, trace_int, span_int, stamping.project)
         # One dict display is several times faster than filling it key by key; a field the
         # preset leaves out has the key None, dropped right after.
         key_trace, key_span, key_flags, key_sampled = stamping.trace_names
         out = {key_trace: trace_hex, key_span: span_hex, key_flags: flags, key_sampled: flags_int & 1 == 1}
-        out.pop(None, None)
+        if stamping.partial:
+            out.pop(None, None)
     else:
         mark = _NO_SPAN
-        out = dict(stamping.missing) if names.without_span == "placeholders" else {}
-    out.update(stamping.static)
-    out.update(stamping.default_fields)
+        out = dict(stamping.missing) if stamping.names.without_span == "placeholders" else {}
+    if stamping.constant:
+        out.update(stamping.constant)
     prefix, protected = stamping.prefix, stamping.protected
     for name, value in ids.items():
         key = prefix + name
