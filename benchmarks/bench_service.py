@@ -293,7 +293,7 @@ def load(port: int, pid: int, prefix: str, requests: int) -> tuple[float, float]
 Samples = dict[str, dict[str, list[float]]]  # endpoint -> variant -> one value per round
 
 
-def measure(service: Service, requests: int, rounds: int, budget: float = 240.0) -> tuple[Samples, Samples]:
+def measure(service: Service, requests: int, rounds: int, budget: float = 200.0) -> tuple[Samples, Samples]:
     """Per endpoint, stack and round: server CPU µs per request, and requests per second.
 
     At most ``rounds`` rounds, and no new round once ``budget`` seconds are spent (a busy
