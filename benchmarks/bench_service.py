@@ -268,7 +268,8 @@ def _get(conn: http.client.HTTPConnection, path: str) -> None:
 def load(port: int, pid: int, prefix: str, requests: int) -> tuple[float, float]:
     """Send ``requests`` from 8 client threads; return (server CPU seconds, wall seconds)."""
     per_client = requests // CLIENTS
-    ready = threading.Barrier(CLIENTS + 1)
+    # A client that cannot connect breaks the barrier: the run fails instead of waiting forever.
+    ready = threading.Barrier(CLIENTS + 1, timeout=60)
 
     def client() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
