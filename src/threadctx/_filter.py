@@ -141,8 +141,6 @@ class ContextFilter(logging.Filter):
         ValueError: an unknown preset, field key or ``without_span`` value.
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.2.0
-       ``defaults``, ``without_span``, ``env`` and ``version``; the ``newrelic`` preset.
     """
 
     def __init__(
