@@ -79,7 +79,7 @@ conformance: $(VENV)/.installed  ## OpenTelemetry's own test suites, default bac
 # Ratios measured on 3.14 and 3.15 by bench-new-pythons, kept under each table by a new make bench.
 OTHER_RATIOS = $(foreach file,$(wildcard .sid/bench-3.*.json),--other $(file))
 
-bench: $(VENV)/.installed  ## writes docs/benchmarks.md
+bench: $(VENV)/.installed  ## writes docs/benchmarks.md (about 25 minutes; valgrind counts: python -m benchmarks.callgrind)
 	$(BIN)/python -m benchmarks.run $(OTHER_RATIOS)
 
 bench-new-pythons: $(VENV)/.installed  ## the ratios on 3.14 and 3.15 (Debian unstable root), added under each table of docs/benchmarks.md

@@ -3,7 +3,8 @@
 Variants: bare logging (the ids come from Formatter defaults, so the format
 work is the same), OpenTelemetry's LoggingInstrumentor(inject_trace_context=True),
 and threadctx.ContextFilter on the handler (with ``defaults=``, as the quick start
-configures it). Long-lived spans (one span, many records: the filter's cache
+configures it). The floor: a filter that sets the same fields to constants (what any
+filter costs at least: a call and a dict update). Long-lived spans (one span, many records: the filter's cache
 hits), and short requests (a new span every 4 records, and every record: the
 cache misses), where each variant starts the same spans and binds the same ids.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,11 +23,30 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
 from benchmarks.harness import Result, compare
+from benchmarks.verdict import added, ratio_text, target_line
 
 PROVIDER = TracerProvider()
 TRACER = PROVIDER.get_tracer("bench")
 FORMAT = "%(asctime)s %(levelname)s [trace_id=%(tid)s span_id=%(sid)s request_id=%(request_id)s] %(message)s"
 BASELINE = "bare logging"
+FILTER = "threadctx.ContextFilter"
+FLOOR = "floor: a filter setting constant fields"
+
+
+class ConstantFilter(logging.Filter):
+    """The floor: the same fields as ContextFilter's, constants, one dict update per record."""
+
+    FIELDS = {  # noqa: RUF012 - read only
+        "trace_id": "0af7651916cd43dd8448eb211c80319c",
+        "span_id": "b7ad6b7169203331",
+        "trace_flags": "01",
+        "trace_sampled": True,
+        "request_id": "r-0000001",
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.update(self.FIELDS)
+        return True
 
 
 def _logger(
@@ -53,9 +74,10 @@ LOGGERS = {
     "LoggingInstrumentor": _logger("instrumentor", "otelTraceID", "otelSpanID", REQUEST_ID, None),
     # The same Formatter defaults as the instrumentor's variant (the filter sets request_id itself):
     # a Formatter with defaults merges them into every record's attributes, and all pay for that.
-    "threadctx.ContextFilter": _logger(
+    FILTER: _logger(
         "filter", "trace_id", "span_id", REQUEST_ID, threadctx.ContextFilter(defaults={"request_id": "-"})
     ),
+    FLOOR: _logger("floor", "trace_id", "span_id", REQUEST_ID, ConstantFilter()),
 }
 
 
@@ -134,34 +156,41 @@ def _short_requests(name: str, per_span: int) -> Callable[[int], None]:
 
 
 def added_cost_line(results: list[Result], target: float = 0.40, record_target: float | None = 1.10) -> str:
-    """The filter's and the instrumentor's added cost per record, from the per-round ratios.
+    """The filter's, the floor's and the instrumentor's added cost per record, with verdicts.
 
-    The medians of the ratios, not of the times: on a busy machine the times of one
-    variant drift between rounds, and its ratio to the baseline of the same round does not.
+    Added costs are paired within each round (every variant ran under the same load), and each
+    ratio comes with its bootstrap interval over the rounds (see ``benchmarks.verdict``).
     """
-    by = {r.name: r for r in results}
-    bare = by[BASELINE].per_call_ns
-    filter_ratio, instrumentor_ratio = by["threadctx.ContextFilter"].ratio, by["LoggingInstrumentor"].ratio
-    filter_added, instrumentor_added = bare * (filter_ratio - 1), bare * (instrumentor_ratio - 1)
-    return (
-        f"Added cost per record: ContextFilter {filter_added:,.0f} ns, "
-        f"LoggingInstrumentor {instrumentor_added:,.0f} ns; "
-        f"ratio {(filter_ratio - 1) / (instrumentor_ratio - 1):.2f}x (target: at most {target:.2f}x). "
-        f"A record with the filter: {filter_ratio:.2f}x a bare record"
-        + (f" (target: at most {record_target:.2f}x)." if record_target is not None else ".")
-    )
+    by = {r.name: r.times for r in results}
+    bare = by[BASELINE]
+    filt, instr, floor = (added(by[name], bare) for name in (FILTER, "LoggingInstrumentor", FLOOR))
+    median = {name: statistics.median(values) for name, values in (("f", filt), ("i", instr), ("0", floor))}
+    lines = [
+        f"Added cost per record (median of paired rounds): ContextFilter {median['f']:,.0f} ns, "
+        f"LoggingInstrumentor {median['i']:,.0f} ns, the floor {median['0']:,.0f} ns.",
+        "",
+        "- " + target_line("ContextFilter's added cost (A) / LoggingInstrumentor's (B)", filt, instr, target),
+        f"- The floor's added cost / LoggingInstrumentor's: {ratio_text(floor, instr)}.",
+    ]
+    if record_target is not None:
+        lines.append(
+            "- "
+            + target_line("A record with the filter (A) / a bare record (B)", by[FILTER], bare, record_target)
+        )
+    lines.append(f"- A record with the floor / a bare record: {ratio_text(by[FLOOR], bare)}.")
+    return "\n".join(lines)
 
 
 def run_all() -> list[tuple[str, list[Result], str]]:
-    single = compare({name: _single(name) for name in LOGGERS}, baseline=BASELINE, loops=20_000, rounds=21)
+    single = compare({name: _single(name) for name in LOGGERS}, baseline=BASELINE, loops=10_000, rounds=41)
     threaded = compare(
-        {name: _threaded(name) for name in LOGGERS}, baseline=BASELINE, loops=40_000, rounds=11
+        {name: _threaded(name) for name in LOGGERS}, baseline=BASELINE, loops=16_000, rounds=21
     )
     every_4 = compare(
-        {name: _short_requests(name, 4) for name in LOGGERS}, baseline=BASELINE, loops=20_000, rounds=21
+        {name: _short_requests(name, 4) for name in LOGGERS}, baseline=BASELINE, loops=8_000, rounds=41
     )
     every_1 = compare(
-        {name: _short_requests(name, 1) for name in LOGGERS}, baseline=BASELINE, loops=10_000, rounds=21
+        {name: _short_requests(name, 1) for name in LOGGERS}, baseline=BASELINE, loops=4_000, rounds=41
     )
     return [
         ("one thread: logger.info to a StreamHandler, inside a span", single, added_cost_line(single)),

@@ -64,18 +64,17 @@ def _serve(app: Any) -> Callable[[int], None]:
     return run
 
 
+def wsgi_variants() -> dict[str, Callable[[int], None]]:
+    return {
+        "OpenTelemetryMiddleware": _serve(OpenTelemetryMiddleware(_app, tracer_provider=PROVIDER)),
+        "+ ContextMiddleware": _serve(
+            OpenTelemetryMiddleware(ContextMiddleware(_app), tracer_provider=PROVIDER)
+        ),
+    }
+
+
 def wsgi_layer() -> list[Result]:
-    return compare(
-        {
-            "OpenTelemetryMiddleware": _serve(OpenTelemetryMiddleware(_app, tracer_provider=PROVIDER)),
-            "+ ContextMiddleware": _serve(
-                OpenTelemetryMiddleware(ContextMiddleware(_app), tracer_provider=PROVIDER)
-            ),
-        },
-        baseline="OpenTelemetryMiddleware",
-        loops=2000,
-        rounds=21,
-    )
+    return compare(wsgi_variants(), baseline="OpenTelemetryMiddleware", loops=2000, rounds=21)
 
 
 def _logger(name: str, fields: str, filt: logging.Filter | None) -> logging.Logger:
@@ -101,7 +100,7 @@ def _instrumented(instrumentor: Any, **options: Any) -> Iterator[None]:
         instrumentor.uninstrument()
 
 
-def logging_records() -> list[Result]:
+def records_variants() -> dict[str, Callable[[int], None]]:
     plain = _logger("plain", "request_id=%(request_id)s", None)
     injected = _logger("instrumentor", "%(otelTraceID)s %(otelSpanID)s request_id=%(request_id)s", None)
     filtered = _logger(
@@ -123,19 +122,18 @@ def logging_records() -> list[Result]:
 
         return run
 
-    return compare(
-        {
-            "five records, no injection": records(plain),
-            "LoggingInstrumentor": records(injected, instrument=True),
-            "ContextFilter": records(filtered),
-        },
-        baseline="five records, no injection",
-        loops=1000,
-        rounds=21,
-    )
+    return {
+        "five records, no injection": records(plain),
+        "LoggingInstrumentor": records(injected, instrument=True),
+        "ContextFilter": records(filtered),
+    }
 
 
-def pool_task() -> list[Result]:
+def logging_records() -> list[Result]:
+    return compare(records_variants(), baseline="five records, no injection", loops=1000, rounds=21)
+
+
+def pool_variants() -> dict[str, Callable[[int], None]]:
     pool = ThreadPoolExecutor(max_workers=1)
 
     def submit(kind: str) -> Callable[[int], None]:
@@ -156,12 +154,13 @@ def pool_task() -> list[Result]:
 
         return run
 
-    return compare(
-        {kind: submit(kind) for kind in ("plain submit", "ThreadingInstrumentor", "instrument_threading()")},
-        baseline="plain submit",
-        loops=1000,
-        rounds=21,
-    )
+    return {
+        kind: submit(kind) for kind in ("plain submit", "ThreadingInstrumentor", "instrument_threading()")
+    }
+
+
+def pool_task() -> list[Result]:
+    return compare(pool_variants(), baseline="plain submit", loops=1000, rounds=21)
 
 
 def _added(results: list[Result], name: str) -> float:

@@ -12,7 +12,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Result:
     name: str
     per_call_ns: float
     ratio: float  # median of per-round ratios against the baseline
+    times: list[float] = field(default_factory=list)  # ns per call, one per round (paired across variants)
 
 
 def compare(
@@ -52,6 +53,7 @@ def compare(
             name=name,
             per_call_ns=statistics.median(times[name]),
             ratio=statistics.median(t / b for t, b in zip(times[name], base, strict=True)),
+            times=times[name],
         )
         for name in names
     ]

@@ -27,6 +27,7 @@ from benchmarks import (
     bench_scale,
     bench_service,
     bench_watchdog,
+    profile_service,
 )
 from benchmarks.harness import Result, table
 
@@ -140,14 +141,17 @@ def main(argv: list[str] | None = None) -> None:
         "one (a quarter of its threshold: 7.5 s by default) at nine threads serving requests.",
         "",
         "The ASGI tables time one request through a bare ASGI app, so the middleware's cost is all there",
-        "is. The target (threadctx's added cost at most asgi-correlation-id's) is missed: by about 20 to",
-        "40% for a request without a `traceparent`, and about 3x with one. threadctx's middleware does",
-        "more than asgi-correlation-id's: it builds an OpenTelemetry context (attached and detached, and",
-        "published for `snapshot()`) and, when the request carries one, extracts the W3C trace context",
-        "and baggage; OpenTelemetry's `traceparent` parser alone costs about as much as",
-        "asgi-correlation-id's whole middleware. Tried: headers gathered once per request instead of one",
-        "scan per header, extraction skipped when no propagation header came, the propagators' fields",
-        "cached, the request id bound without re-validating what the stricter request-id rule checked.",
+        "is.",
+        "",
+        "Every target is decided, not quoted: each round gives one paired observation (all variants",
+        'under the same load), and a target "A costs at most k times B" is judged on A - k B per round,',
+        "its median over the rounds with a 95% bootstrap interval (`benchmarks/verdict.py`): **met** when",
+        "the whole interval is at or below zero, **missed** when it is above, **undecided** when it",
+        "straddles zero (the run could not tell; on a busy machine that is the honest answer). The ratio",
+        "is shown beside it with its own interval. The machine these ran on is shared (2 CPUs, other",
+        "test suites running): the load average printed above and beside each service table says how",
+        "noisy it was. Instruction counts, which load does not move, are in",
+        "`python -m benchmarks.callgrind` (valgrind).",
         "",
     ]
     for heading, results in sections:
@@ -162,10 +166,14 @@ def main(argv: list[str] | None = None) -> None:
             out += [bench_context.reader_options(results[0][1])]
     # Not run on the other interpreters: each server is a process of its own, and the table is
     # about one service on this machine, not about an interpreter.
-    out += ["## A service under load", ""]
+    out += ["## Services under load", ""]
     for part in bench_service.run_all():
         out += [part]
         print(part)
+    out += [profile_service.HEADING, "", profile_service.EXPLANATION, ""]
+    part = profile_service.run(["wsgi", "asgi"])
+    out += [part]
+    print(part)
     out += [
         "Where the added cost goes: each piece that (c) and (d) add, timed in one process beside its",
         "counterpart (numbers per request).",

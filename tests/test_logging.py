@@ -171,6 +171,48 @@ def test_bad_options_raise_clear_errors() -> None:
         threadctx.ContextFilter(fields={"traceid": "x"})
 
 
+def test_options_are_read_only_after_construction() -> None:
+    """A changed option would leave the fields derived from it stale: every option refuses a new value."""
+    filt = threadctx.ContextFilter("datadog", prefix="ctx_", defaults={"tenant": "-"}, env="prod")
+    for option, value in (
+        ("preset", "ecs"),
+        ("names", threadctx.PRESETS["ecs"]),
+        ("prefix", ""),
+        ("stamp_correlation", False),
+        ("defaults", {}),
+        ("project_id", "p"),
+        ("service_name", "s"),
+        ("env", "dev"),
+        ("version", "2"),
+    ):
+        with pytest.raises(AttributeError):
+            setattr(filt, option, value)
+    with pytest.raises(TypeError):
+        filt.defaults["tenant"] = "acme"  # type: ignore[index]
+    assert (filt.prefix, dict(filt.defaults), filt.env) == ("ctx_", {"tenant": "-"}, "prod")
+    assert filt.fields(Context())["ctx_tenant"] == "-"
+
+
+def test_presets_are_read_only() -> None:
+    """A preset replaced at run time would break every later ContextFilter: the table refuses it."""
+    with pytest.raises(TypeError):
+        threadctx.PRESETS["otel"] = None  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del threadctx.PRESETS["ecs"]  # type: ignore[attr-defined]
+    assert threadctx.ContextFilter().names == threadctx.PRESETS["otel"]
+
+
+def test_the_adapters_and_the_filter_stamp_the_same_fields(tracer: trace.Tracer) -> None:
+    """The structlog processor and the loguru patcher add what the default filter stamps (one function)."""
+    with tracer.start_as_current_span("op"), threadctx.bound(request_id="r-9"):
+        expected = threadctx.ContextFilter().fields()
+        event = threadctx.structlog_processor(None, "info", {"event": "e", "request_id": "kept"})
+        record: dict[str, dict[str, object]] = {"extra": {}}
+        threadctx.loguru_patcher(record)
+    assert record["extra"] == expected
+    assert event == {**expected, "event": "e", "request_id": "kept"}
+
+
 def test_dict_config(tracer: trace.Tracer) -> None:
     stream = io.StringIO()
     logging.config.dictConfig(

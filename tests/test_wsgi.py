@@ -6,18 +6,20 @@ import logging
 import re
 import secrets
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from opentelemetry import propagate, trace
+from opentelemetry import baggage, propagate, trace
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import threadctx
+import threadctx._requests
 from _servers import Lines, get, waitress_servers
 from threadctx.wsgi import ContextMiddleware
 
@@ -236,6 +238,49 @@ def test_inside_opentelemetrys_wsgi_middleware(
     assert lines.lines == [
         f"trace={trace_id} span={server_span.context.span_id:016x} request_id=r-otel inside"
     ]
+
+
+@pytest.mark.parametrize("probe", ["baggage key", "public call"])
+def test_baggage_that_opentelemetrys_middleware_extracted_gives_the_request_id(
+    serve: Callable[[WSGIApplication], int],
+    lines: Lines,
+    tracer_provider: TracerProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    probe: str,
+) -> None:
+    """The baggage OpenTelemetry read is found by its context key, or by baggage.get_all() without it."""
+    wsgi_instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.wsgi", reason="opentelemetry-instrumentation-wsgi is not installed"
+    )
+    if probe == "public call":  # what an opentelemetry-api without the private key gets
+        monkeypatch.setattr(threadctx._requests, "_BAGGAGE_KEY", "")
+    else:  # the probe found the key the baggage API writes under
+        assert baggage.set_baggage("k", "v").get(threadctx._requests._BAGGAGE_KEY) == {"k": "v"}
+    log = logging.getLogger("app")
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        log.info("inside")
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    port = serve(
+        wsgi_instrumentation.OpenTelemetryMiddleware(ContextMiddleware(app), tracer_provider=tracer_provider)
+    )
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    status, headers, _ = get(
+        port, "/", {"traceparent": f"00-{trace_id}-{span_id}-01", "baggage": "request_id=r-from-baggage"}
+    )
+    assert (status, headers["x-request-id"]) == (200, "r-from-baggage")
+    assert lines.lines[0].endswith("request_id=r-from-baggage inside")
+
+
+def test_a_generated_request_id_is_a_random_uuid4_in_hex() -> None:
+    """What uuid4().hex gives, so that a service behind us with a UUID4 validator keeps it."""
+    made = {threadctx.wsgi.new_request_id() for _ in range(2000)}
+    assert len(made) == 2000
+    for request_id in made:
+        parsed = uuid.UUID(hex=request_id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (request_id, 4, uuid.RFC_4122)
 
 
 @pytest.mark.parametrize(

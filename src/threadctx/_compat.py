@@ -40,6 +40,7 @@ __all__ = [
     "RuntimeContext",
     "active_thread",
     "active_threads",
+    "baggage_key",
     "celery_tracer_modules",
     "flask_otel_keys",
     "is_wrapt_proxy",
@@ -104,6 +105,20 @@ def span_key() -> str:
     except ImportError:
         return ""
     return _SPAN_KEY if isinstance(_SPAN_KEY, str) else ""
+
+
+def baggage_key() -> str:
+    """The context key OpenTelemetry's baggage lives under (``_BAGGAGE_KEY``), or ``""`` where the API has none.
+
+    Reading it from a context (a dict) tells whether there is baggage without
+    ``baggage.get_all()``'s three calls and read-only copy, on every request.
+    Fallback (``""``): the callers use ``baggage.get_all()``.
+    """
+    try:
+        from opentelemetry.baggage import _BAGGAGE_KEY
+    except ImportError:
+        return ""
+    return _BAGGAGE_KEY if isinstance(_BAGGAGE_KEY, str) else ""
 
 
 #: Set to True on an application by OpenTelemetry's Flask and ASGI instrumentors. No probe: it

@@ -1,4 +1,12 @@
-"""The logging filter that stamps each record with its thread's trace context and correlation IDs."""
+"""The logging filter that stamps each record with its thread's trace context and correlation IDs.
+
+The filter only stamps: what to write is a :class:`threadctx._fields.Stamping`, built
+from the options (:class:`_Options`, checked once and read-only afterwards), and the
+fields of a context come from the one function the structlog and loguru adapters
+call too (:func:`threadctx._fields.context_fields`). Around it the filter keeps a
+weak cache by context, reads the tracer provider's resource once there is one, and
+reports what went wrong once, on stderr.
+"""
 
 from __future__ import annotations
 
@@ -7,49 +15,75 @@ import logging
 import sys
 import weakref
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from os import getpid
 from threading import get_ident
+from types import MappingProxyType
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from threadctx._compat import span_key
-from threadctx._correlation import CORRELATION_KEY
+from threadctx._fields import MARKER, Stamping, context_fields, marked_fields, resource_values
 from threadctx._text import printable
-from threadctx._vendors import (
-    NAME_KEYS,
-    PRESETS,
-    FieldNames,
-    WithoutSpan,
-    format_ids,
-    from_resource,
-    gcp_project,
-)
-
-#: The key trace.get_current_span() reads; its call costs more than the read (once per context).
-_SPAN_KEY = span_key()
+from threadctx._vendors import NAME_KEYS, PRESETS, FieldNames, WithoutSpan, gcp_project
 
 __all__ = ["PRESETS", "ContextFilter", "FieldNames", "instrument_logging", "uninstrument_logging"]
 
-MARKER = "_threadctx"
-"""The filter's own mark on a record it stamped: trace id, span id and flags of the stamping context
-(32, 16 and 2 hex digits, one string), or ``"-"`` without a valid span.
-
-Its leading underscore keeps it out of python-json-logger's output. A record that
-carries it was stamped already (in the producing thread, before a ``QueueHandler``):
-a filter in another thread takes the ids from it, never from its own thread's context.
-"""
-_NO_SPAN = "-"
-_NO_IDS: Mapping[str, str] = {}
-#: The W3C trace flags byte as two lowercase hex digits.
-_FLAGS = [format(flags, "02x") for flags in range(256)]
-_PLAIN_RECORD = vars(logging.LogRecord("n", logging.INFO, "p", 1, "m", None, None))
 #: How many attributes a record has before anything (extra=, a filter) adds one.
-_PLAIN_RECORD_SIZE = len(_PLAIN_RECORD)
-RESERVED = frozenset(_PLAIN_RECORD) | {"message", "asctime"}
+_PLAIN_RECORD_SIZE = len(vars(logging.LogRecord("n", logging.INFO, "p", 1, "m", None, None)))
 _CACHE_SIZE = 512
+
+
+@dataclass(frozen=True)
+class _Options:
+    """A filter's options, checked once (see :class:`ContextFilter` for each)."""
+
+    preset: str
+    names: FieldNames
+    prefix: str
+    correlation: bool
+    defaults: Mapping[str, str]
+    project_id: str | None
+    service_name: str | None
+    env: str | None
+    version: str | None
+
+    @classmethod
+    def checked(
+        cls,
+        preset: str,
+        fields: Mapping[str, str | None] | None,
+        without_span: WithoutSpan | None,
+        **options: Any,
+    ) -> _Options:
+        """The options, with the preset's names and their overrides resolved.
+
+        Raises:
+            ValueError: an unknown preset, field key or ``without_span`` value.
+        """
+        try:
+            names = PRESETS[preset]
+        except KeyError:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+        if fields:
+            unknown = set(fields) - set(NAME_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"unknown field key(s) {', '.join(sorted(unknown))}; valid keys: {', '.join(NAME_KEYS)}"
+                )
+            names = replace(names, **fields)  # type: ignore[arg-type]  # keys checked above
+        if without_span is not None:
+            if without_span not in ("placeholders", "omit"):
+                raise ValueError(f"without_span must be 'placeholders' or 'omit', not {without_span!r}")
+            names = replace(names, without_span=without_span)
+        defaults = options.pop("defaults") or {}
+        escaped = MappingProxyType({str(key): printable(str(value)) for key, value in defaults.items()})
+        return cls(preset=preset, names=names, defaults=escaped, **options)
+
+    def given(self) -> dict[str, str | None]:
+        """Service, environment and version as given (``None``: from the resource)."""
+        return {"service": self.service_name, "env": self.env, "version": self.version}
 
 
 class ContextFilter(logging.Filter):
@@ -79,6 +113,10 @@ class ContextFilter(logging.Filter):
     it stamped carries its mark; a filter in another thread (a
     ``QueueListener``'s handler) takes the ids from that mark, not from its own
     thread. It never raises into the logging call and always returns ``True``.
+
+    The options are read-only once the filter is made (each is a property of
+    the same name; ``correlation`` is :attr:`stamp_correlation`): what the
+    filter writes is derived from them once. Make another filter for others.
 
     Args:
         preset: One of :data:`PRESETS`: ``"otel"`` (default), ``"otel-python"``,
@@ -121,101 +159,118 @@ class ContextFilter(logging.Filter):
         name: str = "",
     ) -> None:
         super().__init__(name)
-        try:
-            names = PRESETS[preset]
-        except KeyError:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
-        if fields:
-            unknown = set(fields) - set(NAME_KEYS)
-            if unknown:
-                raise ValueError(
-                    f"unknown field key(s) {', '.join(sorted(unknown))}; valid keys: {', '.join(NAME_KEYS)}"
-                )
-            names = replace(names, **fields)  # type: ignore[arg-type]  # keys checked above
-        if without_span is not None:
-            if without_span not in ("placeholders", "omit"):
-                raise ValueError(f"without_span must be 'placeholders' or 'omit', not {without_span!r}")
-            names = replace(names, without_span=without_span)
-        self.preset = preset
-        self.names = names
-        self.prefix = prefix
-        self.stamp_correlation = correlation
-        self.defaults = {str(key): printable(str(value)) for key, value in (defaults or {}).items()}
-        self.project_id = project_id
-        self.service_name = service_name
-        self.env = env
-        self.version = version
-        # Service, env and version as written ("" until the resource is read, see _resolve).
-        given = {"service": service_name, "env": env, "version": version}
-        self._resource_values = {
-            what: printable(value) if value is not None else ""
-            for what, value in given.items()
-            if getattr(names, what) is not None
-        }
-        self._unresolved = {what for what in self._resource_values if given[what] is None}
-        self._static = self._named(self._resource_values)
-        self._project = project_id
+        options = _Options.checked(
+            preset,
+            fields,
+            without_span,
+            prefix=prefix,
+            correlation=correlation,
+            defaults=defaults,
+            project_id=project_id,
+            service_name=service_name,
+            env=env,
+            version=version,
+        )
+        self._options = options
+        names = options.names
+        # Service, env and version as given ("" until the resource is read, see _resolve).
+        self._stamping = Stamping(
+            names,
+            prefix,
+            correlation,
+            options.defaults,
+            resource_values(names, options.given(), {}),
+            project_id,
+        )
         self._wants_project = names.id_format == "gcp" and project_id is None
-        self._pending = bool(self._unresolved) or self._wants_project
-        self._marks = names.trace_id is not None or names.span_id is not None
-        # Precomputed for _build: which trace fields to write, and the correlation IDs' defaults.
-        self._trace_names = (names.trace_id, names.span_id, names.trace_flags, names.trace_sampled)
-        placeholders = (names.missing_trace_id, names.missing_span_id, "00", False)
-        self._missing = {
-            key: value for key, value in zip(self._trace_names, placeholders, strict=True) if key is not None
-        }
-        self._protected = RESERVED | set(self._missing) | {MARKER}
-        self._protected |= {getattr(names, what) for what in self._resource_values}
-        self._default_fields = {
-            prefix + key: value for key, value in self.defaults.items() if prefix + key not in self._protected
-        }
+        self._pending = self._wants_project or any(
+            value is None and getattr(names, what) is not None for what, value in options.given().items()
+        )
         self._cache: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = {}
         self._stamped: dict[str, dict[str, Any]] = {}
         self._reported: set[str] = set()
-        self._placeholders = self._build(None, {})
+        self._placeholders = self._stamping_placeholders()
 
-    # The hot path: one get_current, one cache hit (inlined), one dict update.
+    # The options, read-only: what the filter writes is decided once, at construction.
+    @property
+    def preset(self) -> str:
+        """The preset's name."""
+        return self._options.preset
+
+    @property
+    def names(self) -> FieldNames:
+        """The field names written: the preset's, with ``fields=`` and ``without_span=`` applied."""
+        return self._options.names
+
+    @property
+    def prefix(self) -> str:
+        """What is prepended to each correlation ID's attribute name."""
+        return self._options.prefix
+
+    @property
+    def stamp_correlation(self) -> bool:
+        """Whether correlation IDs are stamped."""
+        return self._options.correlation
+
+    @property
+    def defaults(self) -> Mapping[str, str]:
+        """Correlation ID name -> the value written where none is bound (escaped; read-only)."""
+        return self._options.defaults
+
+    @property
+    def project_id(self) -> str | None:
+        """The Google Cloud project given, if any."""
+        return self._options.project_id
+
+    @property
+    def service_name(self) -> str | None:
+        """The service name given, if any (else the resource's)."""
+        return self._options.service_name
+
+    @property
+    def env(self) -> str | None:
+        """The deployment environment given, if any (else the resource's)."""
+        return self._options.env
+
+    @property
+    def version(self) -> str | None:
+        """The service version given, if any (else the resource's)."""
+        return self._options.version
+
+    # The hot path: one get_current, one cache hit, one dict update.
     def filter(self, record: logging.LogRecord) -> bool:
         """Stamp ``record``; always return ``True``."""
+        try:
+            context = otel_context.get_current()
+            entry = self._cache.get(id(context))
+            fields = entry[1] if entry is not None and entry[0]() is context else self._computed(context)
+        except Exception as exc:  # a logging call must never fail because of us
+            self._report("could not read the context", exc)
+            fields = self._placeholders
         attributes = record.__dict__
         if len(attributes) == _PLAIN_RECORD_SIZE:
             # Nothing was added to this record (no extra=, no earlier stamp):
             # nothing to preserve, so one update does it.
-            try:
-                context = otel_context.get_current()
-                entry = self._cache.get(id(context))
-                if entry is not None and entry[0]() is context:
-                    attributes.update(entry[1])
-                    return True
-            except Exception:  # _current() reads it again, and reports
-                pass
-            attributes.update(self._current())
-            return True
+            attributes.update(fields)
+        else:
+            self._add(record, fields)
+        return True
+
+    def _add(self, record: logging.LogRecord, fields: Mapping[str, Any]) -> None:
+        """Add ``fields`` to a record that has more than its own attributes, keeping every one it has."""
+        attributes = record.__dict__
         try:
-            stamp = attributes.get(MARKER)
-            if stamp is None or (record.thread == get_ident() and record.process == getpid()):
-                fields = self._current()
-            else:  # stamped in another thread or process: its ids, not this thread's
-                fields = self._from_stamp(stamp)
+            mark = attributes.get(MARKER)
+            if mark is not None and (record.thread != get_ident() or record.process != getpid()):
+                fields = self._from_mark(mark)  # stamped in another thread or process: its ids
             for key, value in fields.items():
                 attributes.setdefault(key, value)  # extra=, other tools' and earlier values win
         except Exception as exc:  # a logging call must never fail because of us
             self._report("could not stamp a record", exc)
-        return True
 
-    def _options(self) -> tuple[object, ...]:
+    def _options_key(self) -> object:
         """What decides the fields this filter writes (for instrument_logging's comparison)."""
-        return (
-            self.preset,
-            self.names,
-            self.prefix,
-            self.stamp_correlation,
-            self.defaults,
-            self.project_id,
-            self.service_name,
-            self.env,
-            self.version,
-        )
+        return self._options
 
     def fields(self, context: object | None = None) -> dict[str, Any]:
         """The attributes this filter would stamp for ``context`` (default: the current one).
@@ -223,37 +278,22 @@ class ContextFilter(logging.Filter):
         A new dict, for integrations that carry fields in their own structures
         (without the filter's record mark).
         """
-        found = self._current() if context is None else self._compute(context)
+        try:
+            found = self._computed(otel_context.get_current() if context is None else context)
+        except Exception as exc:  # as for a record: placeholders, reported once
+            self._report("could not read the context", exc)
+            found = self._placeholders
         return {key: value for key, value in found.items() if key != MARKER}
 
-    def _current(self) -> dict[str, Any]:
-        """The (shared, cached) fields of the current context; placeholders if it can't be read."""
-        try:
-            context = otel_context.get_current()
-            entry = self._cache.get(id(context))
-            if entry is not None and entry[0]() is context:
-                return entry[1]
-            return self._compute(context)
-        except Exception as exc:  # a logging call must never fail because of us
-            self._report("could not read the context", exc)
-            return self._placeholders
-
-    def _compute(self, context: Any) -> dict[str, Any]:
+    def _computed(self, context: Any) -> dict[str, Any]:
+        """The fields of ``context``, computed (the cache's miss path) and cached once final."""
         if self._pending:
             self._resolve()
-        # Read before the fields are built: if another thread resolves meanwhile, what is built here
-        # from the values before must not be cached after it.
+        # Read before the fields are built (and the stamping after: _resolve replaces the stamping,
+        # then clears the flag): if another thread resolves meanwhile, what is built here from the
+        # values before must not be cached after it.
         cacheable = not self._pending
-        # What trace.get_current_span() and correlation() read, without their calls (a Context is a dict).
-        span = context.get(_SPAN_KEY) if _SPAN_KEY else trace.get_current_span(context)
-        span_context = span.get_span_context() if span is not None else trace.INVALID_SPAN_CONTEXT
-        # A SpanContext is a tuple (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid),
-        # as its class declares: one unpack instead of four property calls.
-        trace_id, span_id, _, flags, _, valid = span_context
-        fields = self._build(
-            (trace_id, span_id, flags) if valid else None,
-            (context.get(CORRELATION_KEY) or _NO_IDS) if self.stamp_correlation else _NO_IDS,
-        )
+        fields = context_fields(self._stamping, context)
         if cacheable:  # cache only what will not change (see _resolve)
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.clear()
@@ -261,70 +301,19 @@ class ContextFilter(logging.Filter):
             self._cache[id(context)] = (weakref.ref(context), fields)
         return fields
 
-    def _from_stamp(self, stamp: object) -> dict[str, Any]:
-        """The fields for a record another thread stamped: its ids, this filter's names, no correlation."""
-        fields = self._stamped.get(stamp) if isinstance(stamp, str) else None
+    def _from_mark(self, mark: object) -> dict[str, Any]:
+        """The fields for a record another thread stamped, cached by its mark."""
+        fields = self._stamped.get(mark) if isinstance(mark, str) else None
         if fields is None:
-            text = str(stamp)
-            try:
-                span: tuple[int, int, int] | None = (
-                    int(text[:32], 16),
-                    int(text[32:48], 16),
-                    int(text[48:], 16),
-                )
-            except ValueError:
-                span = None  # "-" (no span), or not ours after all
-            fields = self._build(span, _NO_IDS)
+            fields = marked_fields(self._stamping, mark)
             if len(self._stamped) >= _CACHE_SIZE:
                 self._stamped.clear()
-            self._stamped[text] = fields
+            self._stamped[str(mark)] = fields
         return fields
 
-    def _build(self, span: tuple[int, int, int] | None, ids: Mapping[str, str]) -> dict[str, Any]:
-        """The fields for a span's (trace id, span id, flags), or ``None``, and correlation IDs.
-
-        Once per context (the cache's miss path, which short requests take often): kept lean.
-        """
-        names = self.names
-        out: dict[Any, Any]  # str keys once None is dropped
-        if span is not None:
-            trace_int, span_int, flags_int = span
-            trace_hex, span_hex, flags = (
-                format(trace_int, "032x"),
-                format(span_int, "016x"),
-                _FLAGS[flags_int & 0xFF],
-            )
-            stamp = trace_hex + span_hex + flags
-            if names.id_format != "hex":
-                trace_hex, span_hex = format_ids(names, trace_int, span_int, self._project)
-            # One dict display is several times faster than filling it key by key; a field the
-            # preset leaves out has the key None, dropped right after.
-            key_trace, key_span, key_flags, key_sampled = self._trace_names
-            out = {
-                key_trace: trace_hex,
-                key_span: span_hex,
-                key_flags: flags,
-                key_sampled: flags_int & 1 == 1,
-            }
-            out.pop(None, None)
-        else:
-            stamp = _NO_SPAN
-            out = dict(self._missing) if names.without_span == "placeholders" else {}
-        out.update(self._static)
-        out.update(self._default_fields)
-        prefix, protected = self.prefix, self._protected
-        for name, value in ids.items():
-            key = prefix + name
-            if key not in protected:  # never shadow the record's own attributes or the trace fields
-                # Values were validated by bind(); escaping again covers values set by other means.
-                out[key] = value if value.isprintable() else printable(value)
-        if self._marks:
-            out[MARKER] = stamp
-        return out
-
-    def _named(self, values: Mapping[str, str]) -> dict[str, str]:
-        """``values`` of service, env and version under this filter's field names."""
-        return {getattr(self.names, what): value for what, value in values.items()}
+    def _stamping_placeholders(self) -> dict[str, Any]:
+        """What a record gets when the context cannot be read."""
+        return marked_fields(self._stamping, "-")
 
     def _resolve(self) -> None:
         """Read what the tracer provider's resource gives, once it has one.
@@ -337,28 +326,27 @@ class ContextFilter(logging.Filter):
             resource = getattr(provider, "resource", None)
             if resource is None and isinstance(provider, trace.ProxyTracerProvider):
                 if self._wants_project:
-                    self._project = gcp_project({})
+                    self._stamping = replace(self._stamping, project=gcp_project({}))
                 return  # no provider yet: look again on the next record
             attributes = resource.attributes if resource is not None else {}
         except Exception as exc:  # a provider of someone else's that fails: resolved as unknown
             self._report("could not read the tracer provider's resource", exc)
             attributes = {}
-        for what in self._unresolved:
-            self._resource_values[what] = printable(from_resource(attributes, what) or "")
-        self._static = self._named(self._resource_values)
-        if self._wants_project:
-            self._project = gcp_project(attributes)
-            if self._project is None:
-                self._report(
-                    "the gcp preset has no project (pass project_id=, set GOOGLE_CLOUD_PROJECT, or "
-                    "cloud.provider=gcp and cloud.account.id on the resource)",
-                    None,
-                    "Trace fields hold the bare trace id, which Cloud Logging does not link.",
-                )
+        options = self._options
+        project = gcp_project(attributes) if self._wants_project else options.project_id
+        if self._wants_project and project is None:
+            self._report(
+                "the gcp preset has no project (pass project_id=, set GOOGLE_CLOUD_PROJECT, or "
+                "cloud.provider=gcp and cloud.account.id on the resource)",
+                None,
+                "Trace fields hold the bare trace id, which Cloud Logging does not link.",
+            )
+        static = resource_values(options.names, options.given(), attributes)
+        self._stamping = replace(self._stamping, static=static, project=project)
         self._pending = False
         self._cache.clear()
         self._stamped.clear()
-        self._placeholders = self._build(None, {})
+        self._placeholders = self._stamping_placeholders()
 
     def _report(self, what: str, exc: BaseException | None, consequence: str = "") -> None:
         """Say once per kind, on stderr and not through logging (no recursion), what went wrong."""
@@ -428,7 +416,7 @@ def instrument_logging(preset: str = "otel", **options: Any) -> ContextFilter:
     """
     wanted = ContextFilter(preset, **options)
     if _instrumented:
-        if _instrumented["main"]._options() != wanted._options():
+        if _instrumented["main"]._options_key() != wanted._options_key():
             raise ValueError("logging is instrumented with other options; call uninstrument_logging() first")
     else:
         _instrumented["main"] = wanted

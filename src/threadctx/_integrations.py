@@ -5,16 +5,25 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
-from threadctx._filter import MARKER, ContextFilter
+from opentelemetry import context as otel_context
+
+from threadctx._fields import MARKER, Stamping, context_fields, marked_fields
+from threadctx._vendors import PRESETS
 
 __all__ = ["loguru_patcher", "structlog_processor"]
 
-_DEFAULT = ContextFilter()
+#: The ``otel`` preset: no service, environment or version, so nothing to read from a resource.
+_STAMPING = Stamping(PRESETS["otel"])
+_PLACEHOLDERS = marked_fields(_STAMPING, "-")
 
 
 def _add_missing(target: MutableMapping[str, Any]) -> None:
     """Add the current fields to ``target``, keeping the keys it already has."""
-    for key, value in _DEFAULT._current().items():
+    try:
+        fields = context_fields(_STAMPING, otel_context.get_current())
+    except Exception:  # a span that cannot be read: placeholders, as the filter writes
+        fields = _PLACEHOLDERS
+    for key, value in fields.items():
         if key != MARKER:  # the record mark is for logging records only
             target.setdefault(key, value)
 

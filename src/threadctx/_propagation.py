@@ -209,22 +209,41 @@ def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[st
     return valid_ids(pairs)
 
 
-_fields_cache: tuple[object, frozenset[str], frozenset[str]] = (None, frozenset(), frozenset())
+_fields_cache: tuple[object, frozenset[str], frozenset[str], tuple[str, ...]] = (
+    None,
+    frozenset(),
+    frozenset(),
+    (),
+)
+
+
+def _cached_fields() -> tuple[object, frozenset[str], frozenset[str], tuple[str, ...]]:
+    """(propagator, its fields, in lowercase, every header extract reads): cached per propagator object."""
+    global _fields_cache  # noqa: PLW0603 - a one-entry cache, replaced whole
+    textmap = otel_propagate.get_global_textmap()
+    if _fields_cache[0] is not textmap:
+        fields = frozenset(textmap.fields)
+        _fields_cache = (
+            textmap,
+            fields,
+            frozenset(field.lower() for field in fields),
+            (BAGGAGE, *sorted(fields - {BAGGAGE})),
+        )
+    return _fields_cache
 
 
 def _propagator_fields(lowercase: bool = False) -> frozenset[str]:
     """The headers the configured propagators use, as they name them or in lowercase.
 
-    Cached per propagator object.  Some are not lowercase: AWS X-Ray's ``X-Amzn-Trace-Id``.
+    Some are not lowercase: AWS X-Ray's ``X-Amzn-Trace-Id``.
     """
-    global _fields_cache  # noqa: PLW0603 - a one-entry cache, replaced whole
-    textmap = otel_propagate.get_global_textmap()
-    cached, fields, lower = _fields_cache
-    if cached is not textmap:
-        fields = frozenset(textmap.fields)
-        lower = frozenset(field.lower() for field in fields)
-        _fields_cache = (textmap, fields, lower)
+    _, fields, lower, _ = _cached_fields()
     return lower if lowercase else fields
+
+
+def _context_fields() -> tuple[str, ...]:
+    """Every header :func:`extract` reads: the propagators' and threadctx's own ``baggage``, once each."""
+    return _cached_fields()[3]
 
 
 def _propagator_sends_baggage() -> bool:
@@ -240,9 +259,8 @@ def carries_context(
     """
     if names is not None:
         return BAGGAGE in names or not _propagator_fields(lowercase=True).isdisjoint(names)
-    if getter.get(carrier, BAGGAGE) is not None:
-        return True
-    return any(getter.get(carrier, field) is not None for field in _propagator_fields())
+    # Each header once, threadctx's own baggage among them.
+    return any(getter.get(carrier, field) is not None for field in _context_fields())
 
 
 def inject(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 __all__ = ["PRESETS", "FieldNames"]
@@ -72,7 +73,7 @@ class FieldNames:
 #: The keys ``ContextFilter(fields=...)`` may override.
 NAME_KEYS = ("trace_id", "span_id", "trace_flags", "trace_sampled", "service", "env", "version")
 
-PRESETS: dict[str, FieldNames] = {
+_PRESETS: dict[str, FieldNames] = {
     "otel": FieldNames(
         source="https://opentelemetry.io/docs/specs/otel/logs/data-model/#trace-context-fields",
     ),
@@ -137,6 +138,9 @@ PRESETS: dict[str, FieldNames] = {
         source="https://opentelemetry-python.readthedocs.io/en/latest/sdk/_logs.html",
     ),
 }
+
+#: The presets by name, read-only (a preset changed at run time would change every later filter).
+PRESETS: Mapping[str, FieldNames] = MappingProxyType(_PRESETS)
 
 
 def format_ids(names: FieldNames, trace_id: int, span_id: int, project: str | None) -> tuple[str, str]:

@@ -48,12 +48,22 @@ server's access log (see the gunicorn how-to).
 """
 
 
+#: Header name -> its environ key, for the names the propagators and the middleware ask for.
+_ENVIRON_KEYS: dict[str, str] = {}
+_ENVIRON_KEYS_KEPT = 256
+
+
 class EnvironGetter(Getter["WSGIEnvironment"]):
     """Reads HTTP headers from a WSGI environ, for :func:`threadctx.extract`."""
 
     def get(self, carrier: WSGIEnvironment, key: str) -> list[str] | None:
         """The values of header ``key`` (any case), or ``None``."""
-        value = carrier.get("HTTP_" + key.upper().replace("-", "_"))
+        name = _ENVIRON_KEYS.get(key)
+        if name is None:
+            name = "HTTP_" + key.upper().replace("-", "_")
+            if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_KEPT:  # the few names asked for, again and again
+                _ENVIRON_KEYS[key] = name
+        value = carrier.get(name)
         return None if value is None else [value]
 
     def keys(self, carrier: WSGIEnvironment) -> list[str]:
@@ -128,6 +138,7 @@ class ContextMiddleware:
         if outside is not None:
             warn_outside(*outside, 2)
         self.app = app
+        self._header_lower = header.lower()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Serve one request in its own context."""
@@ -136,7 +147,7 @@ class ContextMiddleware:
         environ[ENVIRON_CONTEXT] = context
         respond = start_response
         if policy.response_header:
-            respond = _AddHeader(start_response, policy.header, request_id)
+            respond = _AddHeader(start_response, policy.header, self._header_lower, request_id)
         token = otel_context.attach(context)
         try:
             body = self.app(environ, respond)
@@ -151,17 +162,18 @@ class ContextMiddleware:
 
 
 class _AddHeader:
-    __slots__ = ("header", "start_response", "value")
+    __slots__ = ("header", "lower", "start_response", "value")
 
-    def __init__(self, start_response: StartResponse, header: str, value: str) -> None:
+    def __init__(self, start_response: StartResponse, header: str, lower: str, value: str) -> None:
         self.start_response = start_response
         self.header = header
+        self.lower = lower
         self.value = value
 
     def __call__(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        lower = self.header.lower()
+        lower = self.lower
         if not any(name.lower() == lower for name, _ in headers):
             headers = [*headers, (self.header, self.value)]
         return self.start_response(status, headers, exc_info)

@@ -20,7 +20,7 @@ from types import TracebackType
 
 from opentelemetry import context as otel_context
 
-from threadctx._filter import RESERVED
+from threadctx._fields import RESERVED
 from threadctx._ops.report import NO_STACK, current_frames, describe_span, stack
 from threadctx._snapshot import ThreadSnapshot, snapshot, warn_if_foreign_runtime
 from threadctx._storage import OwnThread, at_fork_in_child
