@@ -108,7 +108,7 @@ def span_key() -> str:
 
 
 def baggage_key() -> str:
-    """The context key OpenTelemetry's baggage lives under (``_BAGGAGE_KEY``), or ``""`` where the API has none.
+    """The context key of OpenTelemetry's baggage (``_BAGGAGE_KEY``), or ``""`` where the API has none.
 
     Reading it from a context (a dict) tells whether there is baggage without
     ``baggage.get_all()``'s three calls and read-only copy, on every request.
