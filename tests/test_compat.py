@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import threadctx
 from _helpers import JOIN
-from threadctx import _compat, _filter, _snapshot
+from threadctx import _compat, _fields, _snapshot
 
 
 def run_in_thread_until_released(release: threading.Event, started: threading.Event) -> threading.Thread:
@@ -143,7 +143,7 @@ def test_without_the_span_key_the_filter_reads_the_span_through_the_api(
     with monkeypatch.context() as patched:
         patched.delattr(opentelemetry.trace.propagation, "_SPAN_KEY")
         assert _compat.span_key() == ""
-    monkeypatch.setattr(_filter, "_SPAN_KEY", "")
+    monkeypatch.setattr(_fields, "_SPAN_KEY", "")
     stamp = threadctx.ContextFilter()
     with tracer_provider.get_tracer("t").start_as_current_span("s") as span, threadctx.bound(request_id="r"):
         fields = stamp.fields()
