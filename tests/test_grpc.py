@@ -417,3 +417,30 @@ def test_an_unknown_opentelemetry_wrapper_shape_warns_once_and_still_serves(
         _, again = call(channel, "Unary", "k", (("x-request-id", "r-2"),))
     assert (initial["x-request-id"], again["x-request-id"]) == ("r-1", "r-2")
     assert [line["rid"] for line in lines.parsed()] == ["r-1", "r-2"]
+
+
+def test_an_abandoned_stream_cleans_up_in_its_callers_context(
+    serve: Callable[..., int], lines: Lines
+) -> None:
+    """A client cancels a response stream: the handler's ``finally`` still logs with the call's request id."""
+    cleaned = threading.Event()
+
+    class Endless(Work):
+        def server_stream(self, request: bytes, context: Any) -> Iterator[bytes]:
+            try:
+                while True:
+                    yield self._handle(request)
+            finally:
+                log.info("cleanup %s", request.decode())
+                cleaned.set()
+
+    port = serve(Endless(), [threadctx.grpc.server_interceptor()])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = channel.unary_stream(f"/{SERVICE}/ServerStream")(
+            b"k", metadata=(("x-request-id", "req-abandoned"),), timeout=30
+        )
+        assert next(stream) == b"k"
+        stream.cancel()
+        assert cleaned.wait(30), "gRPC closed the abandoned stream"
+    (cleanup,) = [line for line in lines.parsed() if line["message"].startswith("cleanup")]
+    assert cleanup["rid"] == "req-abandoned"

@@ -235,9 +235,9 @@ def _streaming(behavior: _Streaming, policy: RequestPolicy) -> _Streaming:
 
 
 class _Call:
-    """A streaming handler's call, made when its stream is first iterated."""
+    """A streaming handler's call, made when its stream is first iterated, and closed with the stream."""
 
-    __slots__ = ("behavior", "request", "servicer")
+    __slots__ = ("behavior", "iterator", "request", "servicer")
 
     def __init__(
         self,
@@ -248,9 +248,17 @@ class _Call:
         self.behavior = behavior
         self.request = request
         self.servicer = servicer
+        self.iterator: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self.behavior(self.request, _as_context(self.servicer)))
+        self.iterator = iter(self.behavior(self.request, _as_context(self.servicer)))
+        return self.iterator
+
+    def close(self) -> None:
+        """Close the handler's generator (its ``finally`` runs now, in the call's context: see Body)."""
+        close: Callable[[], Any] | None = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def _echoing(body: Body, servicer: _Servicer) -> Iterator[Any]:
