@@ -444,3 +444,16 @@ def test_an_abandoned_stream_cleans_up_in_its_callers_context(
         assert cleaned.wait(30), "gRPC closed the abandoned stream"
     (cleanup,) = [line for line in lines.parsed() if line["message"].startswith("cleanup")]
     assert cleanup["rid"] == "req-abandoned"
+
+
+@pytest.mark.parametrize(
+    "header", ["X Request", "x-request-id\r\nx-forged", "", "baggage", "Traceparent", "grpc-status"]
+)
+def test_a_header_that_would_break_or_replace_metadata_is_refused(header: str) -> None:
+    """A careless option fails at start-up, not on every call (or by replacing the baggage it sends)."""
+    with pytest.raises(ValueError, match="header"):
+        threadctx.grpc.client_interceptor(header=header)
+    with pytest.raises(ValueError, match="header"):
+        threadctx.grpc.server_interceptor(header=header)
+    with pytest.raises(ValueError, match="identifier"):
+        threadctx.grpc.client_interceptor(name="request-id")

@@ -48,9 +48,9 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
 from threadctx._compat import OTEL_GRPC_SERVER, rewrap_otel_grpc_behavior
-from threadctx._correlation import correlation
+from threadctx._correlation import correlation, validate
 from threadctx._propagation import inject
-from threadctx._requests import REQUEST_ID, Body, RequestPolicy, new_request_id
+from threadctx._requests import REQUEST_ID, Body, RequestPolicy, check_header_name, new_request_id
 
 __all__ = ["client_interceptor", "new_request_id", "server_interceptor"]
 
@@ -124,6 +124,7 @@ def server_interceptor(
 
     .. versionadded:: 0.1.0
     """
+    _metadata_key(header)
     policy = RequestPolicy(
         header=header,
         name=name,
@@ -335,9 +336,21 @@ def client_interceptor(
         header: the metadata key of the request id; ``None`` sends none.
         name: the correlation ID name the request id is bound under.
 
+    Raises:
+        ValueError: ``header`` or ``name`` is invalid.
+
     .. versionadded:: 0.1.0
     """
-    return _ClientInterceptor(header.lower() if header is not None else None, name)
+    validate(name, "")
+    return _ClientInterceptor(_metadata_key(header) if header is not None else None, name)
+
+
+def _metadata_key(header: str) -> str:
+    """``header`` as a metadata key (lowercase) if it may carry a request id; gRPC reserves ``grpc-``."""
+    key = check_header_name(header, "header").lower()
+    if key.startswith("grpc-"):
+        raise ValueError(f"header {header!r} is reserved by gRPC (grpc-*); choose another")
+    return key
 
 
 class _ClientInterceptor(
