@@ -475,7 +475,7 @@ def test_the_request_id_header_never_replaces_or_doubles_the_callers_own(
 
                 headers = threadctx.inject({own: "callers-own"})
                 request = urllib.request.Request(f"http://127.0.0.1:{port}/own", headers=headers)
-                with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - 127.0.0.1
+                with urllib.request.urlopen(request, timeout=60) as response:
                     answer = json.loads(response.read())
             assert seen_headers[-1] == ["callers-own"], f"{own}: {seen_headers[-1]}"
             assert answer["x_request_id"] == "callers-own"
