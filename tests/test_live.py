@@ -839,6 +839,8 @@ def test_a_row_read_back_from_json_is_checked() -> None:
         {**row.as_json(), "correlation": {"a": 1}},
         {**row.as_json(), "stack": "x"},
         {**row.as_json(), "span_name": 3},
+        {**row.as_json(), "trace_id": "\x1b[2J" + "a" * 28},
+        {**row.as_json(), "span_id": "B" * 16},
     ):
         with pytest.raises(ValueError):  # noqa: PT011 - each says what is wrong
             Row.from_json(bad)
@@ -1001,3 +1003,48 @@ def test_a_reverse_proxy_on_this_host_in_front_of_waitress_is_refused() -> None:
             thread.join(WAIT)
     assert response.status == 403, body
     assert b"loopback clients only" in body
+
+
+LIAR = r"""
+import json, os, signal, sys, threading
+directory = os.environ["THREADCTX_RUNTIME_DIR"]
+hostile = "\x1b]0;owned\x07\x1b[2J\x1b[31m"
+row = {"thread": "w", "thread_id": 1, "native_id": 2, "trace_id": hostile, "span_id": hostile,
+       "span_name": "s", "age_s": 1.0, "correlation": {}, "stack": []}
+answered = threading.Event()
+
+def answer(signum, frame):
+    for name in os.listdir(directory):
+        if name.startswith(f"snapshot-{os.getpid()}-") and name.endswith(".request"):
+            os.unlink(os.path.join(directory, name))
+            requester = name.split("-")[2].split(".")[0]
+            path = os.path.join(directory, f"snapshot-{os.getpid()}-{requester}.json")
+            with open(path + ".partial", "w") as file:
+                json.dump({"pid": os.getpid(), "foreign_runtime": None, "threads": [row]}, file)
+            os.rename(path + ".partial", path)
+
+signal.signal(signal.SIGUSR1, answer)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_top_shows_nothing_a_lying_process_sends_as_a_terminal_control(runtime_dir: Path) -> None:
+    """A process that answers with escape sequences in its ids cannot reach the operator's terminal."""
+    runtime_dir.mkdir(mode=0o700)
+    liar = subprocess.Popen(
+        [sys.executable, "-c", LIAR], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert liar.stdout is not None
+        assert liar.stdout.readline() == "ready\n"
+        result = top(str(liar.pid), "--once")
+    finally:
+        assert liar.stdin is not None
+        liar.stdin.close()
+        liar.wait(WAIT)
+        liar.stdout.close()
+    assert "\x1b" not in result.stdout + result.stderr
+    assert "\x07" not in result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "answered something else than rows: trace_id" in result.stderr
