@@ -1023,6 +1023,13 @@ def answer(signum, frame):
                 json.dump({"pid": os.getpid(), "foreign_runtime": None, "threads": [row]}, file)
             os.rename(path + ".partial", path)
 
+    request = os.path.join(directory, f"dump-{os.getpid()}.request")
+    if os.path.exists(request):
+        os.unlink(request)
+        with open(os.path.join(directory, "partial"), "w") as file:
+            file.write(f'Thread "w" ident=1\n  trace_id={hostile}\n')
+        os.rename(os.path.join(directory, "partial"), os.path.join(directory, f"dump-{os.getpid()}.txt"))
+
 signal.signal(signal.SIGUSR1, answer)
 print("ready", flush=True)
 sys.stdin.read()
@@ -1048,3 +1055,28 @@ def test_top_shows_nothing_a_lying_process_sends_as_a_terminal_control(runtime_d
     assert "\x07" not in result.stdout + result.stderr
     assert result.returncode == 1
     assert "answered something else than rows: trace_id" in result.stderr
+
+
+def test_dump_shows_nothing_a_lying_process_sends_as_a_terminal_control(runtime_dir: Path) -> None:
+    """``dump PID`` prints the report's lines with every control character escaped, the lines kept."""
+    runtime_dir.mkdir(mode=0o700)
+    liar = subprocess.Popen(
+        [sys.executable, "-c", LIAR], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert liar.stdout is not None
+        assert liar.stdout.readline() == "ready\n"
+        result = subprocess.run(
+            [sys.executable, "-m", "threadctx", "dump", str(liar.pid)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        assert liar.stdin is not None
+        liar.stdin.close()
+        liar.wait(WAIT)
+        liar.stdout.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == 'Thread "w" ident=1\n  trace_id=\\x1b]0;owned\\x07\\x1b[2J\\x1b[31m\n'
