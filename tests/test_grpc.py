@@ -457,3 +457,42 @@ def test_a_header_that_would_break_or_replace_metadata_is_refused(header: str) -
         threadctx.grpc.server_interceptor(header=header)
     with pytest.raises(ValueError, match="identifier"):
         threadctx.grpc.client_interceptor(name="request-id")
+
+
+def test_the_client_interceptor_beside_the_propagators_request_id_header_sends_it_once(
+    serve: Callable[..., int], lines: Lines
+) -> None:
+    """With CorrelationPropagator(request_id_header=...) configured too, the server still gets one id."""
+    from opentelemetry import propagate
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    received: list[tuple[str, str]] = []
+
+    class Recording(Work):
+        def unary(self, request: bytes, context: Any) -> bytes:
+            received.extend(
+                (key, value) for key, value in context.invocation_metadata() if key == "x-request-id"
+            )
+            return super().unary(request, context)
+
+    saved = propagate.get_global_textmap()
+    propagate.set_global_textmap(
+        CompositePropagator(
+            [
+                TraceContextTextMapPropagator(),
+                threadctx.CorrelationPropagator(request_id_header="X-Request-ID"),
+            ]
+        )
+    )
+    try:
+        port = serve(Recording(), [threadctx.grpc.server_interceptor()])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+            channel = grpc.intercept_channel(plain, threadctx.grpc.client_interceptor())
+            with threadctx.bound(request_id="bound-once"):
+                _, initial = call(channel, "Unary", "k")
+    finally:
+        propagate.set_global_textmap(saved)
+    assert received == [("x-request-id", "bound-once")]
+    assert initial["x-request-id"] == "bound-once"
+    assert [line["rid"] for line in lines.parsed()] == ["bound-once"]

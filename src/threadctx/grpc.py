@@ -376,7 +376,8 @@ class _ClientInterceptor(
                 outgoing[self._header] = request_id
         for name, value in outgoing.items():
             key = name.lower()  # gRPC refuses uppercase keys; some propagators' headers have them
-            if key not in present:
+            if key not in present:  # once: a propagator may have written the request id's header too
+                present.add(key)
                 metadata.append((key, value))
         return _CallDetails(
             details.method,
