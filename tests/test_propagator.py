@@ -262,7 +262,7 @@ def test_otel_propagators_loads_it_through_its_entry_point(order: str, runtime: 
     lines = result.stdout.splitlines()
     assert lines[0] == ("ThreadRuntimeContext" if runtime else "ContextVarsRuntimeContext")
     assert "CorrelationPropagator(request_id_header='X-Request-ID')" in lines[1]
-    assert lines[2] == "[('X-Request-ID', 'r-1'), ('baggage', 'other_tool=kept,request_id=r-1')]"
+    assert lines[2] == "[('X-Request-ID', 'r-1'), ('baggage', 'request_id=r-1,other_tool=kept')]"  # IDs first
     assert lines[3] == "{'session': 'abc', 'secret': 'x'} {'request_id': 'r-2'}"
     assert result.stderr == ""
 
@@ -480,3 +480,22 @@ def test_the_request_id_header_never_replaces_or_doubles_the_callers_own(
             assert seen_headers[-1] == ["callers-own"], f"{own}: {seen_headers[-1]}"
             assert answer["x_request_id"] == "callers-own"
             assert answer["ids"] == {"request_id": "callers-own"}
+
+
+def test_hostile_baggage_cannot_crowd_the_ids_out_of_the_next_call(tracer_provider: TracerProvider) -> None:
+    """A caller fills the baggage to the W3C limits: A's own request id still reaches B, first."""
+    pytest.importorskip("requests", reason="requests is in the test extra")
+    import requests
+
+    hostile = ",".join(f"m{i:02d}={'x' * 125}" for i in range(64))  # 64 members, over 8192 bytes
+    with (
+        waitress_servers() as serve,
+        global_textmap(TEXTMAPS["threadctx"]()),
+        instrumented("requests", tracer_provider),
+    ):
+        port = serve(service_b())
+        with threadctx.attached({"baggage": hostile}), threadctx.bound(request_id="req-a"):
+            answer = requests.get(f"http://127.0.0.1:{port}/crowded", timeout=60).json()
+    assert answer["ids"] == {"request_id": "req-a"}
+    assert answer["header"].startswith("request_id=req-a,")
+    assert len(answer["header"].encode()) <= threadctx.BAGGAGE_MAX_BYTES
