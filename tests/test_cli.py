@@ -258,3 +258,16 @@ def test_a_request_in_a_directory_others_can_enter_is_ignored(runtime_dir: Path)
     with os.fdopen(read_end) as pipe:
         assert pipe.read().endswith("end of threadctx dump\n")
     assert sorted(path.name for path in runtime_dir.iterdir()) == [request.name], "no report written there"
+
+
+def test_the_runtime_directory_must_not_sit_where_others_can_replace_it(tmp_path: Path) -> None:
+    """Another user who can write to its parent can swap it for a symlink between the check and the use."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # as a careless THREADCTX_RUNTIME_DIR=/srv/shared/threadctx could be
+    with pytest.raises(exchange.RuntimeDirError, match=r"other users can replace it"):
+        exchange.check_private_dir(str(shared / "threadctx"), create=True)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # as /tmp: only the owner may rename or remove what is in it
+    exchange.check_private_dir(str(sticky / "threadctx"), create=True)

@@ -81,8 +81,10 @@ def client() -> Iterator[Any]:
             threads_per_worker=2,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=":0",
-            worker_dashboard_address=":0",
+            # The scheduler serves HTTP whatever this says; None means port 8787, which another test
+            # run on the machine may hold (Dask then warns, an error here): a free port of loopback.
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address=None,
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

@@ -417,3 +417,82 @@ def test_an_unknown_opentelemetry_wrapper_shape_warns_once_and_still_serves(
         _, again = call(channel, "Unary", "k", (("x-request-id", "r-2"),))
     assert (initial["x-request-id"], again["x-request-id"]) == ("r-1", "r-2")
     assert [line["rid"] for line in lines.parsed()] == ["r-1", "r-2"]
+
+
+def test_an_abandoned_stream_cleans_up_in_its_callers_context(
+    serve: Callable[..., int], lines: Lines
+) -> None:
+    """A client cancels a response stream: the handler's ``finally`` still logs with the call's request id."""
+    cleaned = threading.Event()
+
+    class Endless(Work):
+        def server_stream(self, request: bytes, context: Any) -> Iterator[bytes]:
+            try:
+                while True:
+                    yield self._handle(request)
+            finally:
+                log.info("cleanup %s", request.decode())
+                cleaned.set()
+
+    port = serve(Endless(), [threadctx.grpc.server_interceptor()])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = channel.unary_stream(f"/{SERVICE}/ServerStream")(
+            b"k", metadata=(("x-request-id", "req-abandoned"),), timeout=30
+        )
+        assert next(stream) == b"k"
+        stream.cancel()
+        assert cleaned.wait(30), "gRPC closed the abandoned stream"
+    (cleanup,) = [line for line in lines.parsed() if line["message"].startswith("cleanup")]
+    assert cleanup["rid"] == "req-abandoned"
+
+
+@pytest.mark.parametrize(
+    "header", ["X Request", "x-request-id\r\nx-forged", "", "baggage", "Traceparent", "grpc-status"]
+)
+def test_a_header_that_would_break_or_replace_metadata_is_refused(header: str) -> None:
+    """A careless option fails at start-up, not on every call (or by replacing the baggage it sends)."""
+    with pytest.raises(ValueError, match="header"):
+        threadctx.grpc.client_interceptor(header=header)
+    with pytest.raises(ValueError, match="header"):
+        threadctx.grpc.server_interceptor(header=header)
+    with pytest.raises(ValueError, match="identifier"):
+        threadctx.grpc.client_interceptor(name="request-id")
+
+
+def test_the_client_interceptor_beside_the_propagators_request_id_header_sends_it_once(
+    serve: Callable[..., int], lines: Lines
+) -> None:
+    """With CorrelationPropagator(request_id_header=...) configured too, the server still gets one id."""
+    from opentelemetry import propagate
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    received: list[tuple[str, str]] = []
+
+    class Recording(Work):
+        def unary(self, request: bytes, context: Any) -> bytes:
+            received.extend(
+                (key, value) for key, value in context.invocation_metadata() if key == "x-request-id"
+            )
+            return super().unary(request, context)
+
+    saved = propagate.get_global_textmap()
+    propagate.set_global_textmap(
+        CompositePropagator(
+            [
+                TraceContextTextMapPropagator(),
+                threadctx.CorrelationPropagator(request_id_header="X-Request-ID"),
+            ]
+        )
+    )
+    try:
+        port = serve(Recording(), [threadctx.grpc.server_interceptor()])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+            channel = grpc.intercept_channel(plain, threadctx.grpc.client_interceptor())
+            with threadctx.bound(request_id="bound-once"):
+                _, initial = call(channel, "Unary", "k")
+    finally:
+        propagate.set_global_textmap(saved)
+    assert received == [("x-request-id", "bound-once")]
+    assert initial["x-request-id"] == "bound-once"
+    assert [line["rid"] for line in lines.parsed()] == ["bound-once"]

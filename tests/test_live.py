@@ -839,6 +839,8 @@ def test_a_row_read_back_from_json_is_checked() -> None:
         {**row.as_json(), "correlation": {"a": 1}},
         {**row.as_json(), "stack": "x"},
         {**row.as_json(), "span_name": 3},
+        {**row.as_json(), "trace_id": "\x1b[2J" + "a" * 28},
+        {**row.as_json(), "span_id": "B" * 16},
     ):
         with pytest.raises(ValueError):  # noqa: PT011 - each says what is wrong
             Row.from_json(bad)
@@ -855,3 +857,226 @@ def test_the_text_table_fits_the_width_request_id_first() -> None:
     assert all(len(line) <= 110 for line in narrow)
     assert narrow[1].startswith("!  3.5s  worker-1")
     assert narrow[1].endswith("request_id=req-1 tenant=acme +1")
+
+
+# ---------------------------------------------------------------------------
+# Attacks on the default access check and the page, against a real server on 127.0.0.1
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),
+        ({"Host": "localhost:8080"}, 200),
+        ({"Host": "[::1]:8080"}, 200),
+        ({"Host": "127.0.0.7"}, 200),
+        # DNS rebinding: a web page the operator's browser opened on this host, whose name now resolves to
+        # 127.0.0.1, reads the page as its own origin. Its Host is the attacker's name.
+        ({"Host": "rebind.attacker.example:8080"}, 403),
+        ({"Host": "127.0.0.1.attacker.example"}, 403),
+        # A proxy on this host that says only part of what it forwards: every client seems local.
+        # (waitress removes X-Forwarded-* and Forwarded before the app sees them: see the next tests.)
+        ({"Via": "1.1 proxy"}, 403),
+        ({"True-Client-IP": "203.0.113.9"}, 403),
+        ({"X-Client-IP": "203.0.113.9"}, 403),
+    ],
+)
+def test_the_default_check_refuses_rebinding_and_proxied_requests_on_a_real_server(
+    headers: dict[str, str], status: int
+) -> None:
+    import http.client
+
+    from _servers import waitress_servers
+    from threadctx import threadz
+
+    with waitress_servers() as serve:
+        port = serve(threadz.wsgi_app())
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            # http.client sends Host: 127.0.0.1:PORT unless the test gives its own.
+            connection.putrequest("GET", "/?format=json", skip_host="Host" in headers)
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+    assert response.status == status, body
+    assert (
+        call_asgi(threadz.asgi_app(), headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()])[
+            0
+        ]
+        == status
+    )
+
+
+def test_the_page_shows_each_stack_line_on_a_line_of_its_own() -> None:
+    """The stack's lines are escaped one by one: a newline inside a line is shown, the lines are kept."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    import threadctx
+    from threadctx import threadz
+
+    inside, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        tracer = TracerProvider().get_tracer("t")
+        with tracer.start_as_current_span("work"), threadctx.bound(request_id="r-stack"):
+            inside.set()
+            release.wait(WAIT)
+
+    worker = threading.Thread(target=work, name="worker-lines")
+    worker.start()
+    try:
+        assert inside.wait(WAIT)
+        page = call_wsgi(threadz.wsgi_app(stacks=True))[2].decode()
+    finally:
+        release.set()
+        worker.join(WAIT)
+    stacks = re.findall(r"<pre>(.*?)</pre>", page, re.DOTALL)
+    (stack,) = [stack for stack in stacks if "release.wait(WAIT)" in stack]
+    lines = stack.split("\n")
+    assert any(line.strip() == "release.wait(WAIT)" for line in lines), lines
+    assert "\\n" not in stack
+
+
+@pytest.mark.parametrize(
+    "header", ["X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Forwarded-Prefix"]
+)
+def test_any_x_forwarded_header_means_a_proxy(header: str) -> None:
+    """A proxy may send only one of them (gunicorn and uvicorn pass them all to the app)."""
+    from threadctx import threadz
+
+    assert call_wsgi(threadz.wsgi_app(), **{header.upper().replace("-", "_"): "x"})[0] == "403 Forbidden"
+    assert call_asgi(threadz.asgi_app(), headers=[(header.lower().encode(), b"x")])[0] == 403
+
+
+def test_a_reverse_proxy_on_this_host_in_front_of_waitress_is_refused() -> None:
+    """A real proxy on 127.0.0.1 before waitress, which strips the proxy's X-Forwarded-For: the Host tells."""
+    import http.client
+    import http.server
+
+    from _servers import waitress_servers
+    from threadctx import threadz
+
+    with waitress_servers() as serve:
+        upstream = serve(threadz.wsgi_app())
+
+        class Proxy(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                # As nginx with the usual "proxy_set_header Host $host; ... X-Forwarded-For ...".
+                connection = http.client.HTTPConnection("127.0.0.1", upstream, timeout=60)
+                try:
+                    connection.putrequest("GET", self.path, skip_host=True)
+                    connection.putheader("Host", self.headers["Host"])
+                    connection.putheader("X-Forwarded-For", "203.0.113.9")
+                    connection.endheaders()
+                    response = connection.getresponse()
+                    body = response.read()
+                finally:
+                    connection.close()
+                self.send_response(response.status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+        thread = threading.Thread(target=proxy.serve_forever, name="proxy")
+        thread.start()
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", proxy.server_port, timeout=60)
+            try:
+                connection.putrequest("GET", "/?format=json", skip_host=True)
+                connection.putheader("Host", "service.example")  # the name the remote client used
+                connection.endheaders()
+                response = connection.getresponse()
+                body = response.read()
+            finally:
+                connection.close()
+        finally:
+            proxy.shutdown()
+            proxy.server_close()
+            thread.join(WAIT)
+    assert response.status == 403, body
+    assert b"loopback clients only" in body
+
+
+LIAR = r"""
+import json, os, signal, sys, threading
+directory = os.environ["THREADCTX_RUNTIME_DIR"]
+hostile = "\x1b]0;owned\x07\x1b[2J\x1b[31m"
+row = {"thread": "w", "thread_id": 1, "native_id": 2, "trace_id": hostile, "span_id": hostile,
+       "span_name": "s", "age_s": 1.0, "correlation": {}, "stack": []}
+answered = threading.Event()
+
+def answer(signum, frame):
+    for name in os.listdir(directory):
+        if name.startswith(f"snapshot-{os.getpid()}-") and name.endswith(".request"):
+            os.unlink(os.path.join(directory, name))
+            requester = name.split("-")[2].split(".")[0]
+            path = os.path.join(directory, f"snapshot-{os.getpid()}-{requester}.json")
+            with open(path + ".partial", "w") as file:
+                json.dump({"pid": os.getpid(), "foreign_runtime": None, "threads": [row]}, file)
+            os.rename(path + ".partial", path)
+
+    request = os.path.join(directory, f"dump-{os.getpid()}.request")
+    if os.path.exists(request):
+        os.unlink(request)
+        with open(os.path.join(directory, "partial"), "w") as file:
+            file.write(f'Thread "w" ident=1\n  trace_id={hostile}\n')
+        os.rename(os.path.join(directory, "partial"), os.path.join(directory, f"dump-{os.getpid()}.txt"))
+
+signal.signal(signal.SIGUSR1, answer)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_top_shows_nothing_a_lying_process_sends_as_a_terminal_control(runtime_dir: Path) -> None:
+    """A process that answers with escape sequences in its ids cannot reach the operator's terminal."""
+    runtime_dir.mkdir(mode=0o700)
+    liar = subprocess.Popen(
+        [sys.executable, "-c", LIAR], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert liar.stdout is not None
+        assert liar.stdout.readline() == "ready\n"
+        result = top(str(liar.pid), "--once")
+    finally:
+        assert liar.stdin is not None
+        liar.stdin.close()
+        liar.wait(WAIT)
+        liar.stdout.close()
+    assert "\x1b" not in result.stdout + result.stderr
+    assert "\x07" not in result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "answered something else than rows: trace_id" in result.stderr
+
+
+def test_dump_shows_nothing_a_lying_process_sends_as_a_terminal_control(runtime_dir: Path) -> None:
+    """``dump PID`` prints the report's lines with every control character escaped, the lines kept."""
+    runtime_dir.mkdir(mode=0o700)
+    liar = subprocess.Popen(
+        [sys.executable, "-c", LIAR], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert liar.stdout is not None
+        assert liar.stdout.readline() == "ready\n"
+        result = subprocess.run(
+            [sys.executable, "-m", "threadctx", "dump", str(liar.pid)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        assert liar.stdin is not None
+        liar.stdin.close()
+        liar.wait(WAIT)
+        liar.stdout.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == 'Thread "w" ident=1\n  trace_id=\\x1b]0;owned\\x07\\x1b[2J\\x1b[31m\n'

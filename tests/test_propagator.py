@@ -199,6 +199,9 @@ def test_the_request_id_header_from_the_argument_or_the_environment(monkeypatch:
     for header in ("X Request", "X-Request-ID\r\nX-Forged: 1", ""):
         with pytest.raises(ValueError, match="HTTP header name"):
             threadctx.CorrelationPropagator(request_id_header=header)
+    for header in ("baggage", "Traceparent", "TRACESTATE"):  # the request id would replace that header
+        with pytest.raises(ValueError, match="would replace the W3C header"):
+            threadctx.CorrelationPropagator(request_id_header=header)
 
 
 def test_the_request_id_header_carries_only_a_valid_allowlisted_request_id() -> None:
@@ -259,7 +262,7 @@ def test_otel_propagators_loads_it_through_its_entry_point(order: str, runtime: 
     lines = result.stdout.splitlines()
     assert lines[0] == ("ThreadRuntimeContext" if runtime else "ContextVarsRuntimeContext")
     assert "CorrelationPropagator(request_id_header='X-Request-ID')" in lines[1]
-    assert lines[2] == "[('X-Request-ID', 'r-1'), ('baggage', 'other_tool=kept,request_id=r-1')]"
+    assert lines[2] == "[('X-Request-ID', 'r-1'), ('baggage', 'request_id=r-1,other_tool=kept')]"  # IDs first
     assert lines[3] == "{'session': 'abc', 'secret': 'x'} {'request_id': 'r-2'}"
     assert result.stderr == ""
 
@@ -438,3 +441,61 @@ def test_hostile_baggage_sent_to_b_is_cut_and_refused(tracer_provider: TracerPro
     assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"]), "an invalid request id was replaced"
     assert answer["ids"] == {"request_id": headers["x-request-id"]}, "tenant=a<LF>forged was not bound"
     assert len(answer["baggage"]) == threadctx.BAGGAGE_MAX_MEMBERS - 2, "cut at 64 members"
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib"])
+def test_the_request_id_header_never_replaces_or_doubles_the_callers_own(
+    client: str, tracer_provider: TracerProvider
+) -> None:
+    """A caller that sends its own X-Request-ID (in any case) keeps it: B gets that one value, once."""
+    pytest.importorskip(client, reason=f"{client} is in the test extra")
+    textmap = CompositePropagator(
+        [TraceContextTextMapPropagator(), threadctx.CorrelationPropagator(request_id_header="X-Request-ID")]
+    )
+    seen_headers: list[list[str]] = []
+    b = service_b()
+
+    def collecting(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        # waitress folds repeated headers into one comma-joined value: split it back.
+        seen_headers.append([part.strip() for part in environ.get("HTTP_X_REQUEST_ID", "").split(",")])
+        return b(environ, start_response)
+
+    with waitress_servers() as serve, global_textmap(textmap), threadctx.bound(request_id="bound-1"):
+        port = serve(collecting)
+        for own in ("x-request-id", "X-Request-ID", "X-REQUEST-ID"):
+            if client == "requests":
+                with instrumented("requests", tracer_provider):
+                    import requests
+
+                    answer = requests.get(
+                        f"http://127.0.0.1:{port}/own", headers={own: "callers-own"}, timeout=60
+                    ).json()
+            else:
+                import urllib.request
+
+                headers = threadctx.inject({own: "callers-own"})
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/own", headers=headers)
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answer = json.loads(response.read())
+            assert seen_headers[-1] == ["callers-own"], f"{own}: {seen_headers[-1]}"
+            assert answer["x_request_id"] == "callers-own"
+            assert answer["ids"] == {"request_id": "callers-own"}
+
+
+def test_hostile_baggage_cannot_crowd_the_ids_out_of_the_next_call(tracer_provider: TracerProvider) -> None:
+    """A caller fills the baggage to the W3C limits: A's own request id still reaches B, first."""
+    pytest.importorskip("requests", reason="requests is in the test extra")
+    import requests
+
+    hostile = ",".join(f"m{i:02d}={'x' * 125}" for i in range(64))  # 64 members, over 8192 bytes
+    with (
+        waitress_servers() as serve,
+        global_textmap(TEXTMAPS["threadctx"]()),
+        instrumented("requests", tracer_provider),
+    ):
+        port = serve(service_b())
+        with threadctx.attached({"baggage": hostile}), threadctx.bound(request_id="req-a"):
+            answer = requests.get(f"http://127.0.0.1:{port}/crowded", timeout=60).json()
+    assert answer["ids"] == {"request_id": "req-a"}
+    assert answer["header"].startswith("request_id=req-a,")
+    assert len(answer["header"].encode()) <= threadctx.BAGGAGE_MAX_BYTES

@@ -22,6 +22,7 @@ from threadctx._ops.exchange import (
     snapshot_request_path,
 )
 from threadctx._ops.table import DEFAULT_THRESHOLD
+from threadctx._text import printable
 
 _HELP = f"""\
 Ask a running Python process what each of its threads is doing: its request, span,
@@ -300,8 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as error:
         print(f"python -m threadctx {args.command}: error: {error}", file=sys.stderr)
         return 1
-    sys.stdout.write(report)
+    sys.stdout.write(_shown(report))
     return 0
+
+
+def _shown(report: str) -> str:
+    """The report with every control character escaped, line by line: the process may not be honest."""
+    return "\n".join(printable(line) for line in report.split("\n"))
 
 
 if __name__ == "__main__":

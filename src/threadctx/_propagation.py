@@ -315,10 +315,24 @@ def outgoing_baggage(context: Context, *, keep_baggage: bool) -> Context:
     :class:`threadctx.CorrelationPropagator`, is made here.
     """
     allowed = _allowlist
-    result = context if keep_baggage else Context()
-    for name, value in correlation(context).items():
-        if name in allowed:
+    ids = {name: value for name, value in correlation(context).items() if name in allowed}
+    if not keep_baggage:
+        result = Context()
+    elif not ids:
+        return context
+    else:
+        # The IDs first: the header is cut at whole members (by OpenTelemetry's inject and by
+        # receivers) to the W3C limits, and incoming baggage, which a caller chose, must not crowd
+        # them out.
+        result = otel_baggage.clear(context)
+        entries: dict[str, object] = dict(ids)
+        for name, value in otel_baggage.get_all(context).items():
+            entries.setdefault(name, value)
+        for name, value in entries.items():
             result = otel_baggage.set_baggage(name, value, result)
+        return result
+    for name, value in ids.items():
+        result = otel_baggage.set_baggage(name, value, result)
     return result
 
 

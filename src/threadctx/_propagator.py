@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Mapping
 from typing import Final
 
 from opentelemetry import context as otel_context
@@ -32,12 +33,23 @@ from opentelemetry.propagators.textmap import (
 
 from threadctx._correlation import correlation
 from threadctx._propagation import BAGGAGE, extract_baggage, inject_baggage, propagated
-from threadctx._requests import HEADER_NAME, REQUEST_ID
+from threadctx._requests import REQUEST_ID, check_header_name
 
 __all__ = ["REQUEST_ID_HEADER_ENV", "CorrelationPropagator"]
 
 REQUEST_ID_HEADER_ENV: Final = "THREADCTX_PROPAGATOR_REQUEST_ID_HEADER"
 """The environment variable that names the header the request id also goes out in."""
+
+
+def _has_header(carrier: object, header: str) -> bool:
+    """Whether ``carrier`` (a mapping of headers, in any case) already has ``header``: the caller's wins.
+
+    Carriers that are not mappings cannot be read here: they get the header.
+    """
+    if not isinstance(carrier, Mapping):
+        return False
+    lower = header.lower()
+    return any(isinstance(key, str) and key.lower() == lower for key in carrier)
 
 
 class _FromEnvironment(enum.Enum):
@@ -80,10 +92,13 @@ class CorrelationPropagator(TextMapPropagator):
             the environment variable ``THREADCTX_PROPAGATOR_REQUEST_ID_HEADER``
             if it is set and not empty (how to turn it on with
             ``OTEL_PROPAGATORS``), else none.  The header is only sent, never
-            read: the middlewares read ``X-Request-ID`` themselves.
+            read: the middlewares read ``X-Request-ID`` themselves.  A
+            request id the caller put in the headers itself (in any case) is
+            kept, never replaced nor sent twice.
 
     Raises:
-        ValueError: ``request_id_header`` is not an HTTP header name.
+        ValueError: ``request_id_header`` is not an HTTP header name, or is
+            ``baggage``, ``traceparent`` or ``tracestate``.
 
     .. versionadded:: 0.1.0
     """
@@ -93,10 +108,8 @@ class CorrelationPropagator(TextMapPropagator):
     def __init__(self, *, request_id_header: str | _FromEnvironment | None = _FROM_ENVIRONMENT) -> None:
         if request_id_header is _FROM_ENVIRONMENT:
             request_id_header = os.environ.get(REQUEST_ID_HEADER_ENV, "").strip() or None
-        if request_id_header is not None and not (
-            isinstance(request_id_header, str) and HEADER_NAME.fullmatch(request_id_header)
-        ):
-            raise ValueError(f"request_id_header must be an HTTP header name, not {request_id_header!r}")
+        if request_id_header is not None:
+            request_id_header = check_header_name(request_id_header, "request_id_header")
         self._request_id_header: str | None = request_id_header
         fields = {BAGGAGE}
         if request_id_header is not None:
@@ -118,7 +131,7 @@ class CorrelationPropagator(TextMapPropagator):
         context = context if context is not None else otel_context.get_current()
         inject_baggage(carrier, context, setter, keep_baggage=True)
         header = self._request_id_header
-        if header is not None and "request_id" in propagated():
+        if header is not None and "request_id" in propagated() and not _has_header(carrier, header):
             request_id = correlation(context).get("request_id")
             if request_id is not None and REQUEST_ID.fullmatch(request_id):
                 setter.set(carrier, header, request_id)

@@ -38,6 +38,7 @@ __all__ = [
     "Body",
     "RequestPolicy",
     "asgi_instrumentor_outside",
+    "check_header_name",
     "is_async_callable",
     "new_request_id",
     "warn_outside",
@@ -50,6 +51,9 @@ REQUEST_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
 HEADER_NAME: Final = re.compile(r"[A-Za-z0-9-]+")
 """An HTTP header name that the middlewares and the propagator accept as an option."""
 
+#: Headers of W3C Trace Context and Baggage: a request-id header of that name would replace them.
+_PROPAGATION_HEADERS: Final = frozenset({BAGGAGE, "traceparent", "tracestate"})
+
 C = TypeVar("C")
 
 _BAGGAGE_KEY: Final = baggage_key()
@@ -57,6 +61,19 @@ _BAGGAGE_KEY: Final = baggage_key()
 #: The bits of a random 128-bit number that a version 4 UUID keeps, and those it sets.
 _UUID_KEEP: Final = ~((0xF000 << 64) | (0xC000 << 48)) & (1 << 128) - 1
 _UUID_SET: Final = (0x4000 << 64) | (0x8000 << 48)
+
+
+def check_header_name(header: object, what: str) -> str:
+    """``header`` if it may carry a request id: an HTTP header name, not one of the W3C context headers.
+
+    Raises:
+        ValueError: it is not; the message names the option (``what``).
+    """
+    if not isinstance(header, str) or not HEADER_NAME.fullmatch(header):
+        raise ValueError(f"{what} must be an HTTP header name, not {header!r}")
+    if header.lower() in _PROPAGATION_HEADERS:
+        raise ValueError(f"{what} {header!r} would replace the W3C header of that name; choose another")
+    return header
 
 
 def new_request_id() -> str:
@@ -189,9 +206,7 @@ class RequestPolicy:
         response_header: bool,
     ) -> None:
         validate(name, "")
-        if not isinstance(header, str) or not HEADER_NAME.fullmatch(header):
-            raise ValueError(f"header must be an HTTP header name, not {header!r}")
-        self.header = header
+        self.header = check_header_name(header, "header")
         self.name = name
         self.generate = generate
         self.trust_incoming = trust_incoming

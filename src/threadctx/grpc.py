@@ -48,9 +48,9 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
 from threadctx._compat import OTEL_GRPC_SERVER, rewrap_otel_grpc_behavior
-from threadctx._correlation import correlation
+from threadctx._correlation import correlation, validate
 from threadctx._propagation import inject
-from threadctx._requests import REQUEST_ID, Body, RequestPolicy, new_request_id
+from threadctx._requests import REQUEST_ID, Body, RequestPolicy, check_header_name, new_request_id
 
 __all__ = ["client_interceptor", "new_request_id", "server_interceptor"]
 
@@ -124,6 +124,7 @@ def server_interceptor(
 
     .. versionadded:: 0.1.0
     """
+    _metadata_key(header)
     policy = RequestPolicy(
         header=header,
         name=name,
@@ -235,9 +236,9 @@ def _streaming(behavior: _Streaming, policy: RequestPolicy) -> _Streaming:
 
 
 class _Call:
-    """A streaming handler's call, made when its stream is first iterated."""
+    """A streaming handler's call, made when its stream is first iterated, and closed with the stream."""
 
-    __slots__ = ("behavior", "request", "servicer")
+    __slots__ = ("behavior", "iterator", "request", "servicer")
 
     def __init__(
         self,
@@ -248,9 +249,17 @@ class _Call:
         self.behavior = behavior
         self.request = request
         self.servicer = servicer
+        self.iterator: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self.behavior(self.request, _as_context(self.servicer)))
+        self.iterator = iter(self.behavior(self.request, _as_context(self.servicer)))
+        return self.iterator
+
+    def close(self) -> None:
+        """Close the handler's generator (its ``finally`` runs now, in the call's context: see Body)."""
+        close: Callable[[], Any] | None = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def _echoing(body: Body, servicer: _Servicer) -> Iterator[Any]:
@@ -327,9 +336,21 @@ def client_interceptor(
         header: the metadata key of the request id; ``None`` sends none.
         name: the correlation ID name the request id is bound under.
 
+    Raises:
+        ValueError: ``header`` or ``name`` is invalid.
+
     .. versionadded:: 0.1.0
     """
-    return _ClientInterceptor(header.lower() if header is not None else None, name)
+    validate(name, "")
+    return _ClientInterceptor(_metadata_key(header) if header is not None else None, name)
+
+
+def _metadata_key(header: str) -> str:
+    """``header`` as a metadata key (lowercase) if it may carry a request id; gRPC reserves ``grpc-``."""
+    key = check_header_name(header, "header").lower()
+    if key.startswith("grpc-"):
+        raise ValueError(f"header {header!r} is reserved by gRPC (grpc-*); choose another")
+    return key
 
 
 class _ClientInterceptor(
@@ -355,7 +376,8 @@ class _ClientInterceptor(
                 outgoing[self._header] = request_id
         for name, value in outgoing.items():
             key = name.lower()  # gRPC refuses uppercase keys; some propagators' headers have them
-            if key not in present:
+            if key not in present:  # once: a propagator may have written the request id's header too
+                present.add(key)
                 metadata.append((key, value))
         return _CallDetails(
             details.method,

@@ -14,9 +14,12 @@ Mount it at ``/threadz`` with your framework's way of mounting an
 application (Werkzeug's ``DispatcherMiddleware``, Starlette's ``Mount``).
 
 Safe by default: it answers only clients on a loopback address that did
-not come through a proxy, unless ``allow=`` says otherwise; every value is
-escaped; stacks are shown only with ``stacks=True``; nothing runs until a
-request comes.
+not come through a proxy and name a loopback ``Host``, unless ``allow=``
+says otherwise; every value is escaped; stacks are shown only with
+``stacks=True``; nothing runs until a request comes.  Behind a reverse
+proxy on the same host, keep ``/threadz`` off the proxy or pass ``allow=``:
+some servers (waitress) remove the proxy's ``X-Forwarded-*`` headers before
+the application sees them.
 
 .. versionadded:: 0.1.0
 """
@@ -27,6 +30,7 @@ import html
 import ipaddress
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -49,7 +53,19 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Headers a proxy adds: behind one, every client seems to come from the proxy's (loopback) address.
-_FORWARDED = ("forwarded", "x-forwarded-for", "x-real-ip")
+#: Any ``X-Forwarded-*`` header counts too (a proxy may send only ``X-Forwarded-Proto``).
+_FORWARDED = frozenset(
+    {
+        "forwarded",
+        "via",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-cluster-client-ip",
+    }
+)
 
 _Response = tuple[int, list[tuple[str, str]], bytes]
 
@@ -89,6 +105,31 @@ def _loopback(address: str | None) -> bool:
     return ip.is_loopback
 
 
+def _local_host(host: str | None) -> bool:
+    """Whether the request's ``Host`` names this machine's loopback: ``localhost``, a loopback address.
+
+    A browser on this host sends the name it was pointed at: a page whose name an attacker made
+    resolve to 127.0.0.1 (DNS rebinding) comes from a loopback address, but with the attacker's
+    name.  No ``Host`` at all (HTTP/1.0, a script) is no browser.
+    """
+    if not host:
+        return True
+    host = host.strip().lower()
+    if host.startswith("["):  # [IPv6]:port
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name, _, port = host.rpartition(":")
+        if not (name and port.isdigit()):
+            name = host
+    name = name.rstrip(".")
+    return (
+        name == "localhost"
+        or name.endswith(".localhost")
+        or name == socket.gethostname().lower()
+        or _loopback(name)
+    )
+
+
 class _Page:
     """What both apps answer, from the method, the query string and the Accept header."""
 
@@ -109,7 +150,9 @@ class _Page:
     def respond(self, method: str, query: str, accept: str, allowed: bool) -> _Response:
         if not allowed:
             return _text(
-                403, "threadz answers loopback clients only; pass allow= to threadz.wsgi_app() or asgi_app()"
+                403,
+                "threadz answers loopback clients only (at http://localhost or a loopback address, not "
+                "through a proxy); pass allow= to threadz.wsgi_app() or asgi_app()",
             )
         if method not in ("GET", "HEAD"):
             status, headers, body = _text(405, "threadz answers GET and HEAD only")
@@ -163,7 +206,7 @@ class _Page:
                 f"<td>{_e(row.span_name or '')}</td><td>{correlation}</td></tr>"
             )
             if self.stacks:
-                stack = _e("\n".join(row.stack))
+                stack = "\n".join(_e(line) for line in row.stack)
                 out.append(f'<tr class="stack"><td colspan="6"><pre>{stack}</pre></td></tr>')
         if not rows:
             out.append('<tr><td colspan="6">No thread is serving a request.</td></tr>')
@@ -189,7 +232,7 @@ def _text(status: int, message: str) -> _Response:
 
 
 def _proxied(names: Iterable[str]) -> bool:
-    return any(name in _FORWARDED for name in names)
+    return any(name in _FORWARDED or name.startswith("x-forwarded-") for name in names)
 
 
 def wsgi_app(
@@ -223,9 +266,12 @@ def wsgi_app(
     Args:
         allow: decides, from the request's environ, whether to answer it.
             Without it, only clients on a loopback address (``REMOTE_ADDR``)
-            whose request carries no ``Forwarded``, ``X-Forwarded-For`` or
-            ``X-Real-IP`` header (behind a proxy on the same host, every
-            client seems local) are answered; the others get ``403``.
+            whose request carries no ``Forwarded``, ``Via``, ``X-Forwarded-*``,
+            ``X-Real-IP`` or other client-address header (behind a proxy on
+            the same host, every client seems local), and whose ``Host`` is
+            ``localhost``, a loopback address or this machine's name (a web
+            page whose name was made to resolve to 127.0.0.1, DNS
+            rebinding, sends its own) are answered; the others get ``403``.
         stacks: also show each thread's innermost ``frames`` frames, with
             their source lines (which name the code the service runs).
         refresh: seconds between two reloads of the page.
@@ -246,7 +292,11 @@ def wsgi_app(
             allowed = bool(allow(environ))
         else:
             names = (key[5:].replace("_", "-").lower() for key in environ if key.startswith("HTTP_"))
-            allowed = _loopback(environ.get("REMOTE_ADDR")) and not _proxied(names)
+            allowed = (
+                _loopback(environ.get("REMOTE_ADDR"))
+                and _local_host(environ.get("HTTP_HOST"))
+                and not _proxied(names)
+            )
         status, headers, body = page.respond(
             environ.get("REQUEST_METHOD", "GET"),
             environ.get("QUERY_STRING", ""),
@@ -284,7 +334,7 @@ def asgi_app(
 
     ``allow`` is called with the request's scope; without it, only clients
     on a loopback address (the scope's ``client``) whose request carries no
-    forwarding header are answered.  It answers ``lifespan`` events (so it
+    forwarding header and names a loopback ``Host`` are answered.  It answers ``lifespan`` events (so it
     can be the server's application too) and refuses websockets.  The other
     options are :func:`wsgi_app`'s.
 
@@ -309,7 +359,12 @@ def asgi_app(
             allowed = bool(allow(scope))
         else:
             client = scope.get("client")
-            allowed = _loopback(client[0] if client else None) and not _proxied(headers)
+            host = headers.get("host")
+            allowed = (
+                _loopback(client[0] if client else None)
+                and _local_host(host.decode("latin-1") if host is not None else None)
+                and not _proxied(headers)
+            )
         status, response_headers, body = page.respond(
             scope["method"],
             bytes(scope.get("query_string", b"")).decode("latin-1"),

@@ -84,6 +84,19 @@ def check_private_dir(path: str, *, create: bool) -> None:
     if info.st_mode & 0o077:
         mode = f"{info.st_mode & 0o777:o}"
         raise RuntimeDirError(f"{path} can be entered by other users (mode {mode}); chmod 700 {path}")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        above = os.stat(parent)
+    except OSError as error:
+        raise RuntimeDirError(f"cannot use {parent}: {error.strerror}") from None
+    # In a directory another user can write to (and that is not sticky, as /tmp is), they could
+    # rename this one and put a symlink in its place between the check above and its use.
+    writable = 0o002 if above.st_gid == os.getgid() else 0o022  # a user's own group: theirs alone, usually
+    others_write = above.st_mode & writable and not above.st_mode & stat.S_ISVTX
+    if above.st_uid not in (0, os.getuid()) or others_write:
+        raise RuntimeDirError(
+            f"{path} is in {parent}, where other users can replace it; choose a directory of your own"
+        )
 
 
 def request_path(directory: str, pid: int) -> str:

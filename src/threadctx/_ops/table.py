@@ -58,7 +58,9 @@ class Row:
 
     @classmethod
     def from_json(cls, data: object) -> Row:
-        """A row read back from :meth:`as_json`'s output.
+        """A row read back from :meth:`as_json`'s output, written by another process: checked field by field.
+
+        The ids must be lowercase hex digits of their length (they are shown unescaped).
 
         Raises:
             ValueError: ``data`` is not such an object.
@@ -70,6 +72,14 @@ class Row:
             value = data.get(name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} is not a string")
+            return value
+
+        def hex_id(name: str, digits: int) -> str | None:
+            value = text(name)
+            if value is not None and not (
+                len(value) == digits and value.isascii() and all(c in "0123456789abcdef" for c in value)
+            ):
+                raise ValueError(f"{name} is not {digits} lowercase hex digits")
             return value
 
         def number(name: str) -> int:
@@ -93,8 +103,8 @@ class Row:
             thread=text("thread") or "",
             thread_id=number("thread_id"),
             native_id=number("native_id"),
-            trace_id=text("trace_id"),
-            span_id=text("span_id"),
+            trace_id=hex_id("trace_id", 32),
+            span_id=hex_id("span_id", 16),
             span_name=text("span_name"),
             age_s=None if age is None else float(age),
             correlation=correlation,
