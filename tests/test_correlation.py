@@ -24,7 +24,7 @@ def test_bind_unbind_clear() -> None:
     assert threadctx.correlation() == {"request_id": "r-1", "tenant": "acme", "user": "u-7"}
     threadctx.unbind("tenant", "not-bound")
     assert threadctx.correlation() == {"request_id": "r-1", "user": "u-7"}
-    threadctx.clear()
+    threadctx.clear_correlation()
     assert threadctx.correlation() == {}
 
 
@@ -38,7 +38,7 @@ def test_bind_token_restores_exactly_the_previous_ids() -> None:
 def test_clear_keeps_the_span(tracer_provider: TracerProvider) -> None:
     with tracer_provider.get_tracer("t").start_as_current_span("s") as span:
         threadctx.bind(request_id="r")
-        threadctx.clear()
+        threadctx.clear_correlation()
         assert trace.get_current_span() is span
         assert threadctx.correlation() == {}
 

@@ -89,7 +89,7 @@ def formatted(context: otel_context.Context) -> str:
     baggage_header="x=1 2\n",
 )
 def test_incoming_headers(records: Records, traceparent: str, tracestate: str, baggage_header: str) -> None:
-    threadctx.propagate("tenant")
+    threadctx.allow_propagation("tenant")
     records.records.clear()
     carrier = {"traceparent": traceparent, "tracestate": tracestate, "baggage": baggage_header}
     context = threadctx.extract(carrier)
@@ -189,7 +189,7 @@ def test_baggage_off_nothing_but_allowlisted_ids_crosses(baggage_header: str, na
     finally:
         propagate.set_global_textmap(saved)
     members = [member for member in sent.get("baggage", "").split(",") if member]
-    assert {member.partition("=")[0] for member in members} <= threadctx.propagated()
+    assert {member.partition("=")[0] for member in members} <= threadctx.propagation_allowlist()
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

@@ -33,7 +33,7 @@ __all__ = [
     "MAX_VALUE_LENGTH",
     "bind",
     "bound",
-    "clear",
+    "clear_correlation",
     "correlation",
     "unbind",
     "validate",
@@ -119,7 +119,7 @@ def bind(**ids: str) -> Token[Context]:
     """Bind correlation IDs in the current context, MDC-style.
 
     The IDs stay bound in this thread (or asyncio task) until :func:`unbind`,
-    :func:`clear`, or ``opentelemetry.context.detach`` of the returned token,
+    :func:`clear_correlation`, or ``opentelemetry.context.detach`` of the returned token,
     which restores exactly what was bound before::
 
         threadctx.bind(request_id="r-42", tenant="acme")
@@ -145,7 +145,7 @@ def unbind(*names: str) -> Token[Context]:
     return _otel_context.attach(with_ids(remaining))
 
 
-def clear() -> Token[Context]:
+def clear_correlation() -> Token[Context]:
     """Remove every correlation ID from the current context.
 
     The current span, baggage and other context values are kept.

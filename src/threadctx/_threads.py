@@ -15,21 +15,27 @@ from opentelemetry import context as otel_context
 from threadctx._carry import in_context, kind_of, run_in
 from threadctx._compat import OTEL_THREAD_CONTEXT, is_wrapt_proxy, serves_many
 
-__all__ = ["ContextThreadPoolExecutor", "Thread", "instrument_threading", "uninstrument_threading", "wrap"]
+__all__ = [
+    "ContextThread",
+    "ContextThreadPoolExecutor",
+    "instrument_threading",
+    "uninstrument_threading",
+    "wrap_context",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
     """Return a callable that runs ``fn`` in the caller's current context.
 
     The context (span, baggage, correlation IDs) is captured now, when
-    ``wrap`` is called; each call of the result attaches it, runs ``fn`` and
+    ``wrap_context`` is called; each call of the result attaches it, runs ``fn`` and
     restores the calling thread's own context afterwards, also when ``fn``
     raises, and also undoing whatever ``fn`` bound and left bound::
 
-        pool.submit(threadctx.wrap(handle), request)
+        pool.submit(threadctx.wrap_context(handle), request)
 
     ``async def`` functions keep the context across every ``await``;
     generators and async generators keep it for each of their steps and give
@@ -107,7 +113,7 @@ class _ContextCall(Generic[P, R]):
         return f"threadctx.wrap({self._threadctx_fn!r})"
 
 
-class Thread(threading.Thread):
+class ContextThread(threading.Thread):
     """A ``threading.Thread`` whose ``run`` happens in the context of the thread that created it.
 
     .. versionadded:: 0.1.0
@@ -265,10 +271,14 @@ class _RunInContext:
 def _patched_start(owner: type[threading.Thread]) -> Callable[[threading.Thread], None]:
     def start(self: threading.Thread) -> None:
         original = _original(owner, "start", self)
-        # threadctx.Thread carries its own context; a thread that is already
+        # threadctx.ContextThread carries its own context; a thread that is already
         # wrapped was wrapped by the patch of a base class (Timer.start
         # reaches Thread.start).
-        if not _enabled or isinstance(self, Thread) or isinstance(vars(self).get("run"), _RunInContext):
+        if (
+            not _enabled
+            or isinstance(self, ContextThread)
+            or isinstance(vars(self).get("run"), _RunInContext)
+        ):
             original()
             return
         context = otel_context.Context() if serves_many(self) else otel_context.get_current()
