@@ -124,8 +124,8 @@ def test_bind_values(name: str, value: str) -> None:
         assert threadctx.correlation() == {}, "nothing is bound when the input is refused"
         return
     try:
-        assert len(name) <= threadctx.MAX_NAME_LENGTH
-        assert len(value) <= threadctx.MAX_VALUE_LENGTH
+        assert len(name) <= threadctx.CORRELATION_MAX_NAME_LENGTH
+        assert len(value) <= threadctx.CORRELATION_MAX_VALUE_LENGTH
         line = formatted(otel_context.get_current())
         assert one_line(line), repr(line)
     finally:

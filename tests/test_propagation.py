@@ -193,7 +193,7 @@ def test_baggage_over_the_byte_limit_is_cut_at_whole_members() -> None:
         ("request_id=a%0Ab", "percent-encoded line feed"),
         ("request_id=a%1B%5B31mred", "ANSI escape"),
         ("request_id=a%E2%80%A8b", "Unicode line separator"),
-        (f"request_id={'x' * (threadctx.MAX_VALUE_LENGTH + 1)}", "too long"),
+        (f"request_id={'x' * (threadctx.CORRELATION_MAX_VALUE_LENGTH + 1)}", "too long"),
         ("request_id=a\nb", "raw line feed"),
         ("request_id=caf\u00e9", "raw non-ASCII"),
     ],

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 # ``name as name`` (an explicit re-export). Eagerly only from modules that do not import
 # ``opentelemetry.trace`` at import time: this package is loaded through the
 # ``opentelemetry_context`` entry point while ``opentelemetry.context`` is still being imported.
-from threadctx._correlation import MAX_IDS as MAX_IDS
-from threadctx._correlation import MAX_NAME_LENGTH as MAX_NAME_LENGTH
-from threadctx._correlation import MAX_VALUE_LENGTH as MAX_VALUE_LENGTH
+from threadctx._correlation import CORRELATION_MAX_IDS as CORRELATION_MAX_IDS
+from threadctx._correlation import CORRELATION_MAX_NAME_LENGTH as CORRELATION_MAX_NAME_LENGTH
+from threadctx._correlation import CORRELATION_MAX_VALUE_LENGTH as CORRELATION_MAX_VALUE_LENGTH
 from threadctx._correlation import bind as bind
 from threadctx._correlation import bound as bound
 from threadctx._correlation import clear_correlation as clear_correlation
@@ -82,9 +82,9 @@ _EXPORTS: dict[str, str] = {
     "snapshot": "threadctx._snapshot",
     "ReaderInfo": "threadctx._reader",
     "reader_info": "threadctx._reader",
-    "MAX_IDS": "threadctx._correlation",
-    "MAX_NAME_LENGTH": "threadctx._correlation",
-    "MAX_VALUE_LENGTH": "threadctx._correlation",
+    "CORRELATION_MAX_IDS": "threadctx._correlation",
+    "CORRELATION_MAX_NAME_LENGTH": "threadctx._correlation",
+    "CORRELATION_MAX_VALUE_LENGTH": "threadctx._correlation",
     "bind": "threadctx._correlation",
     "bound": "threadctx._correlation",
     "clear_correlation": "threadctx._correlation",

@@ -37,7 +37,7 @@ from opentelemetry.propagators.textmap import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from threadctx._correlation import MAX_IDS, correlation, validate, with_ids
+from threadctx._correlation import CORRELATION_MAX_IDS, correlation, validate, with_ids
 
 __all__ = [
     "BAGGAGE_MAX_BYTES",
@@ -221,9 +221,9 @@ def valid_ids(pairs: Mapping[str, object]) -> dict[str, str]:
             count("invalid_ids")
         else:
             ids[name] = str(value)  # validate checked that it is a str
-    if len(ids) > MAX_IDS:
-        count("invalid_ids", len(ids) - MAX_IDS)
-        ids = dict(list(ids.items())[:MAX_IDS])
+    if len(ids) > CORRELATION_MAX_IDS:
+        count("invalid_ids", len(ids) - CORRELATION_MAX_IDS)
+        ids = dict(list(ids.items())[:CORRELATION_MAX_IDS])
     return ids
 
 

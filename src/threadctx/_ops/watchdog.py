@@ -65,7 +65,7 @@ class Ages:
 
 
 class Watchdog:
-    """A running watchdog; see :func:`start_watchdog`.
+    """A running watchdog, as :func:`start_watchdog` returns it (which checks the options first).
 
     Stop it with :meth:`stop`, or use it as a context manager::
 
@@ -212,7 +212,7 @@ at_fork_in_child(_restart_in_child)
 
 
 def start_watchdog(
-    threshold: float = 30.0, interval: float | None = None, logger: logging.Logger | str | None = None
+    threshold: float = 30.0, *, interval: float | None = None, logger: logging.Logger | str | None = None
 ) -> Watchdog:
     """Start a thread that warns about every thread serving one span longer than ``threshold`` seconds.
 
