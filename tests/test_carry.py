@@ -1,4 +1,4 @@
-"""wrap() and bound() as a decorator: every kind of callable, for its whole run; any keyword arguments."""
+"""wrap_context() and bound() as a decorator: every kind of callable, for its whole run; any keywords."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def by_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         return threadctx.wrap_context(fn)
 
 
-DECORATORS: dict[str, Decorate] = {"bound()": by_bound, "wrap()": by_wrap}
+DECORATORS: dict[str, Decorate] = {"bound()": by_bound, "wrap_context()": by_wrap}
 
 
 @pytest.mark.parametrize("decorate", DECORATORS.values(), ids=DECORATORS.keys())

@@ -383,7 +383,7 @@ def _bind_incoming(entries: Mapping[str, object], context: Context) -> Context:
     if not incoming:
         return context
     ids = {**correlation(context), **valid_ids(incoming)}
-    return with_ids(dict(list(ids.items())[:MAX_IDS]), context)
+    return with_ids(dict(list(ids.items())[:CORRELATION_MAX_IDS]), context)
 
 
 def extract(

@@ -60,14 +60,14 @@ def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 _NOT_PICKLABLE = (
-    "the callable that threadctx.wrap() returned holds a live context (spans, with their locks) "
+    "the callable that threadctx.wrap_context() returned holds a live context (spans, with their locks) "
     "and cannot be pickled: for work that crosses a process, use threadctx.wrap_process(fn), "
     "which carries the context as W3C headers"
 )
 
 
 class _Captured:
-    """The context that :func:`wrap` captured, called for it at each call; never pickled."""
+    """The context that :func:`wrap_context` captured, called for it at each call; never pickled."""
 
     __slots__ = ("context",)
 
@@ -82,7 +82,7 @@ class _Captured:
 
 
 class _ContextCall(Generic[P, R]):
-    """What :func:`wrap` returns for a plain callable: ``fn`` run in the captured context.
+    """What :func:`wrap_context` returns for a plain callable: ``fn`` run in the captured context.
 
     Looks like ``fn`` (``functools.update_wrapper``), binds as a method as a
     function does, copies as itself, and refuses to be pickled with a message
@@ -110,7 +110,7 @@ class _ContextCall(Generic[P, R]):
         return self
 
     def __repr__(self) -> str:
-        return f"threadctx.wrap({self._threadctx_fn!r})"
+        return f"threadctx.wrap_context({self._threadctx_fn!r})"
 
 
 class ContextThread(threading.Thread):
