@@ -44,7 +44,7 @@ FORMAT = (
 
 app = Celery("orders", broker=BROKER, backend=BROKER)
 app.conf.update(worker_hijack_root_logger=False, broker_connection_retry_on_startup=True)
-threadctx.propagate("tenant")  # request_id travels by default; tenant is added here
+threadctx.allow_propagation("tenant")  # request_id travels by default; tenant is added here
 threadctx.celery.instrument(app)  # in the publishers and in the worker: this module is imported by both
 log = logging.getLogger("orders")
 

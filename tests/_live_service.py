@@ -22,7 +22,6 @@ os.environ.setdefault("OTEL_PYTHON_CONTEXT", "threadctx")  # before OpenTelemetr
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import sys
 import threading
@@ -64,13 +63,7 @@ def hold(query: dict[str, list[str]]) -> bytes:
 
 
 def snapshot_json() -> bytes:
-    entries = []
-    for entry in threadctx.snapshot():
-        data = {field.name: getattr(entry, field.name) for field in dataclasses.fields(entry)}
-        del data["_context"]
-        data["correlation"] = dict(entry.correlation)
-        entries.append(data)
-    return json.dumps(entries).encode()
+    return json.dumps([entry.to_dict() for entry in threadctx.snapshot()]).encode()
 
 
 def answer(path: str, query: dict[str, list[str]]) -> bytes:

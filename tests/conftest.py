@@ -83,11 +83,9 @@ def _restore_logging() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _restore_allowlist() -> Iterator[None]:
     """Names a test adds to the propagation allowlist are removed afterwards."""
-    from threadctx import _propagation
-
-    saved = _propagation._allowlist
+    saved = threadctx.propagation_allowlist()
     yield
-    _propagation._allowlist = saved
+    threadctx.set_propagation_allowlist(saved)
 
 
 #: What os.fork() warns (Python 3.12+) when the process runs other threads.

@@ -1,4 +1,4 @@
-"""wrap() and bound() as a decorator: every kind of callable, for its whole run; any keyword arguments."""
+"""wrap_context() and bound() as a decorator: every kind of callable, for its whole run; any keywords."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any], di
 
 def test_wrap_passes_keyword_arguments_named_like_the_runners_parameters() -> None:
     with threadctx.bound(request_id="r-k"):
-        wrapped = threadctx.wrap(echo)
+        wrapped = threadctx.wrap_context(echo)
     assert wrapped(1, context=2, fn=3) == ((1,), {"context": 2, "fn": 3}, {"request_id": "r-k"})
 
 
@@ -58,10 +58,10 @@ def by_bound(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def by_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     with threadctx.bound(job="j-1"):
-        return threadctx.wrap(fn)
+        return threadctx.wrap_context(fn)
 
 
-DECORATORS: dict[str, Decorate] = {"bound()": by_bound, "wrap()": by_wrap}
+DECORATORS: dict[str, Decorate] = {"bound()": by_bound, "wrap_context()": by_wrap}
 
 
 @pytest.mark.parametrize("decorate", DECORATORS.values(), ids=DECORATORS.keys())

@@ -28,7 +28,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import threadctx
 import threadctx.celery
 from _helpers import Records
-from threadctx import _propagation
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 JOIN = 60
@@ -90,13 +89,13 @@ def connections_to(port: int) -> int | None:
 @pytest.fixture(scope="module")
 def example(redis_url: str) -> Iterator[ModuleType]:
     """examples/celery_app.py, imported as the publishing side, pointed at the test's Redis."""
-    allowlist = _propagation._allowlist
+    allowlist = threadctx.propagation_allowlist()
     sys.path.insert(0, str(EXAMPLES))
     try:
         import celery_app
     finally:
         sys.path.remove(str(EXAMPLES))
-        _propagation._allowlist = allowlist  # the import added "tenant"; each test adds it itself
+        threadctx.set_propagation_allowlist(allowlist)  # the import added "tenant"; each test adds it itself
     app = celery_app.app
     # One result backend for every publishing thread (not one per thread), so there is one to close.
     app.conf.update(broker_url=redis_url, result_backend=redis_url, result_backend_thread_safe=True)
@@ -217,7 +216,7 @@ def check(
 def test_threads_pool_each_task_thread_logs_with_its_publishers_context(
     example: ModuleType, redis_url: str, tracer_provider: TracerProvider
 ) -> None:
-    threadctx.propagate("tenant")
+    threadctx.allow_propagation("tenant")
     worker = Worker(redis_url, "threads", concurrency=4)
     published, results, lines = run_batch(example, redis_url, tracer_provider, worker, size=4)
     check(published, results, lines)
@@ -228,7 +227,7 @@ def test_threads_pool_each_task_thread_logs_with_its_publishers_context(
 def test_prefork_pool_children_log_with_their_publishers_context(
     example: ModuleType, redis_url: str, tracer_provider: TracerProvider
 ) -> None:
-    threadctx.propagate("tenant")
+    threadctx.allow_propagation("tenant")
     worker = Worker(redis_url, "prefork", concurrency=2)
     published, results, lines = run_batch(example, redis_url, tracer_provider, worker, size=2)
     check(published, results, lines)
@@ -242,7 +241,7 @@ def test_beside_opentelemetrys_celery_instrumentation(
     celery_instrumentation = pytest.importorskip(
         "opentelemetry.instrumentation.celery", reason="opentelemetry-instrumentation-celery is not installed"
     )
-    threadctx.propagate("tenant")
+    threadctx.allow_propagation("tenant")
     instrumentor = celery_instrumentation.CeleryInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider)
     try:
@@ -412,7 +411,7 @@ def test_chains_callbacks_errbacks_signal_handlers_and_on_success_keep_the_publi
     carry none of them. Also with OpenTelemetry's Celery instrumentation on the worker, which
     attaches its task span in a context of its own, without the correlation IDs.
     """
-    threadctx.propagate("tenant")
+    threadctx.allow_propagation("tenant")
     if otel:
         pytest.importorskip(
             "opentelemetry.instrumentation.celery",

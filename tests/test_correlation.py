@@ -23,7 +23,7 @@ def test_bind_unbind_clear() -> None:
     assert threadctx.correlation() == {"request_id": "r-1", "tenant": "acme", "user": "u-7"}
     threadctx.unbind("tenant", "not-bound")
     assert threadctx.correlation() == {"request_id": "r-1", "user": "u-7"}
-    threadctx.clear()
+    threadctx.clear_correlation()
     assert threadctx.correlation() == {}
 
 
@@ -37,7 +37,7 @@ def test_bind_token_restores_exactly_the_previous_ids() -> None:
 def test_clear_keeps_the_span(tracer_provider: TracerProvider) -> None:
     with tracer_provider.get_tracer("t").start_as_current_span("s") as span:
         threadctx.bind(request_id="r")
-        threadctx.clear()
+        threadctx.clear_correlation()
         assert trace.get_current_span() is span
         assert threadctx.correlation() == {}
 
@@ -208,13 +208,13 @@ def test_error_message_shows_untrusted_text_escaped() -> None:
 
 
 def test_limits_are_inclusive_and_unicode_text_is_accepted() -> None:
-    threadctx.bind(request_id="x" * threadctx.MAX_VALUE_LENGTH, tenant="Zürich-東京")
+    threadctx.bind(request_id="x" * threadctx.CORRELATION_MAX_VALUE_LENGTH, tenant="Zürich-東京")
     assert len(threadctx.correlation()["request_id"]) == 256
 
 
 def test_too_many_ids() -> None:
-    threadctx.bind(**{f"id{i}": "v" for i in range(threadctx.MAX_IDS)})
+    threadctx.bind(**{f"id{i}": "v" for i in range(threadctx.CORRELATION_MAX_IDS)})
     with pytest.raises(ValueError, match="limit of 64"):
         threadctx.bind(one_more="v")
     threadctx.bind(id0="replaced")  # replacing does not add
-    assert len(threadctx.correlation()) == threadctx.MAX_IDS
+    assert len(threadctx.correlation()) == threadctx.CORRELATION_MAX_IDS

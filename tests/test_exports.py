@@ -1,9 +1,15 @@
-"""The package's one table of public names agrees with its imports, __all__, dir() and lazy loading."""
+"""The package's one table of public names agrees with its imports, __all__, dir() and lazy loading.
+
+And every public name of every public module is in the API reference.
+"""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +19,9 @@ import pytest
 import threadctx
 
 INIT = Path(threadctx.__file__)
+REFERENCE = INIT.parents[2] / "docs" / "reference.md"
+#: A documented object: an autodoc directive (which renders its docstring) or a py: one.
+DIRECTIVE = re.compile(r"^\.\. (?:auto|py:)\w+:: (threadctx(?:\.\w+)*)$", re.M)
 
 
 def _imports() -> tuple[dict[str, str], dict[str, str]]:
@@ -72,3 +81,59 @@ def test_import_loads_only_the_eager_modules() -> None:
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no_such_name"):
         threadctx.no_such_name  # type: ignore[attr-defined]  # noqa: B018
+
+
+def _all_of(path: Path, module: str) -> list[str]:
+    """The module's ``__all__``, from its source when it is a literal, else from the module.
+
+    Reading the source imports no optional framework (Django, Flask, Celery...).
+    """
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]:
+            try:
+                return list(ast.literal_eval(node.value))
+            except ValueError:
+                break
+    return list(importlib.import_module(module).__all__)
+
+
+def public_modules() -> dict[str, list[str]]:
+    """Every public module of the package (no ``_`` in its dotted name), with its ``__all__``."""
+    found = {"threadctx": _all_of(INIT, "threadctx")}
+    for info in pkgutil.walk_packages(threadctx.__path__, "threadctx."):
+        if any(part.startswith("_") for part in info.name.split(".")):
+            continue
+        spec = importlib.util.find_spec(info.name)
+        assert spec is not None, info.name
+        assert spec.origin is not None, info.name
+        found[info.name] = _all_of(Path(spec.origin), info.name)
+    return found
+
+
+def test_the_public_modules_are_found() -> None:
+    """The walk finds the adapters, and nothing private."""
+    modules = public_modules()
+    assert {"threadctx", "threadctx.wsgi", "threadctx.asgi", "threadctx.celery"} <= set(modules)
+    assert not [name for name in modules if "._" in name]
+    assert all(modules.values()), "every public module declares __all__"
+
+
+def test_every_public_name_is_in_the_reference() -> None:
+    """Each name of each public module's __all__ has a directive of its own in docs/reference.md."""
+    documented = set(DIRECTIVE.findall(REFERENCE.read_text()))
+    expected = {
+        f"{module}.{name}"
+        for module, names in public_modules().items()
+        for name in names
+        if name != "__version__"
+    }
+    assert sorted(expected - documented) == []
+
+
+def test_the_reference_documents_only_public_names() -> None:
+    """Nothing on the page is gone from (or was never in) a public __all__: a renamed name goes too."""
+    documented = set(DIRECTIVE.findall(REFERENCE.read_text()))
+    modules = public_modules()
+    public = {f"{module}.{name}" for module, names in modules.items() for name in names} | set(modules)
+    # Members of a documented class (Watchdog.stop) are documented by its directive's options.
+    assert sorted(documented - public) == []

@@ -92,7 +92,7 @@ PROGRAM = textwrap.dedent(
         wrong += (trace_id, request_id) != (format(n + 1, "032x"), f"g{n}")
     with threadctx.bound(request_id="parent"):
         plain = result(spawn(observe))
-        carried = result(spawn(threadctx.wrap(observe)))
+        carried = result(spawn(threadctx.wrap_context(observe)))
     print(wrong, len(stream.getvalue().splitlines()), plain, carried, sep="|")
     """
 )

@@ -79,7 +79,7 @@ def formatted(context: otel_context.Context) -> str:
     baggage_header="x=1 2\n",
 )
 def test_incoming_headers(records: Records, traceparent: str, tracestate: str, baggage_header: str) -> None:
-    threadctx.propagate("tenant")
+    threadctx.allow_propagation("tenant")
     records.records.clear()
     carrier = {"traceparent": traceparent, "tracestate": tracestate, "baggage": baggage_header}
     context = threadctx.extract(carrier)
@@ -114,8 +114,8 @@ def test_bind_values(name: str, value: str) -> None:
         assert threadctx.correlation() == {}, "nothing is bound when the input is refused"
         return
     try:
-        assert len(name) <= threadctx.MAX_NAME_LENGTH
-        assert len(value) <= threadctx.MAX_VALUE_LENGTH
+        assert len(name) <= threadctx.CORRELATION_MAX_NAME_LENGTH
+        assert len(value) <= threadctx.CORRELATION_MAX_VALUE_LENGTH
         line = formatted(otel_context.get_current())
         assert one_line(line), repr(line)
     finally:
@@ -179,7 +179,7 @@ def test_baggage_off_nothing_but_allowlisted_ids_crosses(baggage_header: str, na
     finally:
         propagate.set_global_textmap(saved)
     members = [member for member in sent.get("baggage", "").split(",") if member]
-    assert {member.partition("=")[0] for member in members} <= threadctx.propagated()
+    assert {member.partition("=")[0] for member in members} <= threadctx.propagation_allowlist()
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

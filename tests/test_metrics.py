@@ -1,4 +1,4 @@
-"""instrument_metrics(): observable instruments read by the real SDK's in-memory metric reader."""
+"""instrument_metrics() and its inverse: observable instruments read by the real SDK's in-memory reader."""
 
 from __future__ import annotations
 
@@ -127,6 +127,59 @@ def test_instrumenting_the_same_provider_again_adds_nothing() -> None:
     assert set(metrics) == {"threadctx.threads.busy", "threadctx.span.oldest_age"}
 
 
+def test_uninstrument_metrics_stops_the_reporting_and_instrument_starts_it_again() -> None:
+    """No threadctx data point after uninstrument (twice is harmless); instrumenting again reports once."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    other_reader = InMemoryMetricReader()
+    other = MeterProvider(metric_readers=[other_reader])
+    try:
+        threadctx.instrument_metrics(provider)
+        threadctx.instrument_metrics(other)
+        assert set(collect(reader)) == {"threadctx.threads.busy", "threadctx.span.oldest_age"}
+        threadctx.uninstrument_metrics(provider)
+        threadctx.uninstrument_metrics(provider)
+        assert reader.get_metrics_data() is None
+        assert set(collect(other_reader)) == {"threadctx.threads.busy", "threadctx.span.oldest_age"}
+        threadctx.instrument_metrics(provider)
+        threadctx.instrument_metrics(provider)
+        again = collect(reader)  # fails on a name registered twice
+    finally:
+        provider.shutdown()
+        other.shutdown()
+    assert set(again) == {"threadctx.threads.busy", "threadctx.span.oldest_age"}
+    assert value(again["threadctx.threads.busy"]) == 0
+
+
+def run_fresh(code: str) -> str:
+    """What ``code`` prints in a new interpreter (whose global meter provider is not set yet)."""
+    env = {**os.environ, "OTEL_PYTHON_CONTEXT": "threadctx"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_uninstrument_metrics_without_a_provider_finds_the_one_instrumented_before_it_was_set() -> None:
+    """instrument_metrics() before the global provider is set (OpenTelemetry's proxy), then the SDK's."""
+    code = (
+        "import threadctx\n"
+        "from opentelemetry import metrics\n"
+        "from opentelemetry.sdk.metrics import MeterProvider\n"
+        "from opentelemetry.sdk.metrics.export import InMemoryMetricReader\n"
+        "threadctx.uninstrument_metrics()\n"
+        "threadctx.instrument_metrics()\n"
+        "reader = InMemoryMetricReader()\n"
+        "metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))\n"
+        "data = reader.get_metrics_data()\n"
+        "print(sorted(m.name for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics))\n"
+        "threadctx.uninstrument_metrics()\n"
+        "print(reader.get_metrics_data())\n"
+    )
+    assert run_fresh(code).splitlines() == ["['threadctx.span.oldest_age', 'threadctx.threads.busy']", "None"]
+
+
 def test_the_instruments_need_only_the_api() -> None:
     """Instrumenting the global (no-op) provider imports nothing of the SDK."""
     code = (
@@ -134,9 +187,4 @@ def test_the_instruments_need_only_the_api() -> None:
         "threadctx.instrument_metrics()\n"
         "print(sorted(name for name in sys.modules if name.startswith('opentelemetry.sdk')))\n"
     )
-    env = {**os.environ, "OTEL_PYTHON_CONTEXT": "threadctx"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "[]\n"
+    assert run_fresh(code) == "[]\n"

@@ -138,7 +138,7 @@ def step(driven: Driven, others: list[Driven], name: str, arg: int | str) -> Cal
 
     def carried_thread() -> object:
         seen: list[Observation] = []
-        thread = threadctx.Thread(target=lambda: seen.append(observe()))
+        thread = threadctx.ContextThread(target=lambda: seen.append(observe()))
         thread.start()
         thread.join(JOIN)
         return seen, observe()

@@ -122,7 +122,7 @@ def test_pickling_what_wrap_returns_says_to_use_wrap_process() -> None:
     """Issue 21.4: it failed with "not the same object as builtins.len" (Dask: "cannot pickle lock")."""
     with threadctx.bound(request_id="r-1"):
         for fn in (len, child_view, threadctx.ContextFilter().filter):
-            wrapped = threadctx.wrap(fn)
+            wrapped = threadctx.wrap_context(fn)
             for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
                 with pytest.raises(
                     TypeError, match=r"holds a live context .* use threadctx\.wrap_process\(fn\)"
@@ -130,15 +130,15 @@ def test_pickling_what_wrap_returns_says_to_use_wrap_process() -> None:
                     pickle.dumps(wrapped, protocol)
 
 
-def test_what_wrap_returns_still_behaves_as_the_function() -> None:
-    """Name, call, method binding and copies: as the function wrap() returned before it refused pickling."""
+def test_what_wrap_context_returns_still_behaves_as_the_function() -> None:
+    """Name, call, binding and copies: as the function wrap_context() returned before it refused pickling."""
 
     class Service:
-        handle = threadctx.wrap(lambda self, job: (self, job, dict(threadctx.correlation())))
+        handle = threadctx.wrap_context(lambda self, job: (self, job, dict(threadctx.correlation())))
 
     with threadctx.bound(request_id="r-3"):
-        wrapped = threadctx.wrap(child_view)
-        counted = threadctx.wrap(len)
+        wrapped = threadctx.wrap_context(child_view)
+        counted = threadctx.wrap_context(len)
     service = Service()
     assert (wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__) == (
         "child_view",
@@ -158,7 +158,7 @@ def test_a_process_pool_refuses_what_wrap_returns_with_the_same_error() -> None:
         ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool,
         threadctx.bound(request_id="r-2"),
     ):
-        future = pool.submit(threadctx.wrap(child_view), "wrapped")
+        future = pool.submit(threadctx.wrap_context(child_view), "wrapped")
         with pytest.raises(TypeError, match=r"live context .* threadctx\.wrap_process\(fn\)"):
             future.result(JOIN)
         assert pool.submit(threadctx.wrap_process(child_view), "carried").result(JOIN)["ids"] == {
@@ -179,4 +179,4 @@ def test_cloudpickle_reaches_the_same_error_for_every_kind_of_callable() -> None
     with threadctx.bound(request_id="r-4"):
         for fn in (coroutine, generator, child_view, lambda: None):
             with pytest.raises(TypeError, match=r"holds a live context .* use threadctx\.wrap_process\(fn\)"):
-                cloudpickle.dumps(threadctx.wrap(fn))
+                cloudpickle.dumps(threadctx.wrap_context(fn))

@@ -39,15 +39,15 @@ def test_inject_sends_the_span_and_only_allowlisted_ids(tracer_provider: TracerP
     )
     assert headers["baggage"] == "request_id=r-1"
 
-    assert threadctx.propagate("tenant") == {"request_id", "tenant"}
-    assert threadctx.propagated() == {"request_id", "tenant"}
+    assert threadctx.allow_propagation("tenant") == {"request_id", "tenant"}
+    assert threadctx.propagation_allowlist() == {"request_id", "tenant"}
     with threadctx.bound(request_id="r-1", tenant="acme", secret="s3cr3t"):
         headers = threadctx.inject({})
     assert sorted(headers["baggage"].split(",")) == ["request_id=r-1", "tenant=acme"]
 
 
 def test_a_round_trip_restores_span_ids_and_baggage(tracer_provider: TracerProvider) -> None:
-    threadctx.propagate("tenant")
+    threadctx.allow_propagation("tenant")
     context = baggage.set_baggage("region", "eu", baggage.set_baggage("request_id", "from-baggage"))
     token = otel_context.attach(context)
     try:
@@ -168,7 +168,7 @@ def test_a_future_version_with_more_fields_is_accepted() -> None:
 
 
 def test_baggage_over_the_member_limit_is_cut_at_whole_members() -> None:
-    threadctx.propagate("last")
+    threadctx.allow_propagation("last")
     before = threadctx.propagation_stats()["baggage_members_cut"]
     members = [f"k{i}=v{i}" for i in range(threadctx.BAGGAGE_MAX_MEMBERS + 36)] + ["last=x"]
     context = threadctx.extract({"baggage": ",".join(members)})
@@ -193,7 +193,7 @@ def test_baggage_over_the_byte_limit_is_cut_at_whole_members() -> None:
         ("request_id=a%0Ab", "percent-encoded line feed"),
         ("request_id=a%1B%5B31mred", "ANSI escape"),
         ("request_id=a%E2%80%A8b", "Unicode line separator"),
-        (f"request_id={'x' * (threadctx.MAX_VALUE_LENGTH + 1)}", "too long"),
+        (f"request_id={'x' * (threadctx.CORRELATION_MAX_VALUE_LENGTH + 1)}", "too long"),
         ("request_id=a\nb", "raw line feed"),
         ("request_id=caf\u00e9", "raw non-ASCII"),
     ],
@@ -217,10 +217,40 @@ def test_invalid_correlation_values_are_dropped_counted_and_never_logged(
         assert not {"\n", "\x1b", "\u2028"} & set(message), message
 
 
-def test_propagate_rejects_a_name_that_is_not_an_identifier() -> None:
+def test_allow_propagation_rejects_a_name_that_is_not_an_identifier() -> None:
+    """Nothing is added when one name is invalid, not even the valid ones before it."""
     with pytest.raises(ValueError, match="not an ASCII identifier"):
-        threadctx.propagate("tenant-id")
-    assert threadctx.propagated() == {"request_id"}
+        threadctx.allow_propagation("tenant", "tenant-id")
+    assert threadctx.propagation_allowlist() == {"request_id"}
+
+
+def test_set_propagation_allowlist_replaces_the_whole_list() -> None:
+    """Names come off the list too: request_id stops travelling, and the default comes back."""
+    threadctx.allow_propagation("tenant")
+    assert threadctx.set_propagation_allowlist(["user_id"]) == {"user_id"}
+    assert threadctx.propagation_allowlist() == {"user_id"}
+    with threadctx.bound(request_id="r-1", tenant="acme", user_id="u-7"):
+        assert threadctx.inject({})["baggage"] == "user_id=u-7"
+    assert threadctx.correlation(threadctx.extract({"baggage": "request_id=r-2,user_id=u-8"})) == {
+        "user_id": "u-8"
+    }
+
+    assert threadctx.set_propagation_allowlist(()) == frozenset()
+    with threadctx.bound(request_id="r-1"):
+        assert "baggage" not in threadctx.inject({})
+
+    assert threadctx.set_propagation_allowlist({"request_id"}) == {"request_id"}
+    with threadctx.bound(request_id="r-1"):
+        assert threadctx.inject({})["baggage"] == "request_id=r-1"
+
+
+def test_set_propagation_allowlist_refuses_a_string_and_an_invalid_name() -> None:
+    """A bare string would be taken letter by letter; an invalid name leaves the list as it was."""
+    with pytest.raises(TypeError, match="collection of names"):
+        threadctx.set_propagation_allowlist("tenant")
+    with pytest.raises(ValueError, match="not an ASCII identifier"):
+        threadctx.set_propagation_allowlist(["tenant", "tenant id"])
+    assert threadctx.propagation_allowlist() == {"request_id"}
 
 
 def test_extract_without_trace_keeps_the_current_span(tracer_provider: TracerProvider) -> None:

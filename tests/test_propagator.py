@@ -104,7 +104,7 @@ baggage_headers = st.one_of(
 @example(header="request_id=a%20b;p=1,request_id=two," + ",".join(f"m{i}=v" for i in range(70)), extra=[])
 def test_extract_is_the_propagators_extract(header: str, extra: list[str]) -> None:
     """Same baggage, IDs, span and counts: extract() under ``baggage`` or ``threadctx``, the propagator."""
-    threadctx.propagate(*extra)
+    threadctx.allow_propagation(*extra)
     carrier = {"traceparent": VALID, "baggage": header}
     propagator = threadctx.CorrelationPropagator(request_id_header=None)
     with global_textmap(TEXTMAPS["baggage"]()):
@@ -119,7 +119,7 @@ def test_extract_is_the_propagators_extract(header: str, extra: list[str]) -> No
     alone, counts = counted(lambda: propagator.extract(carrier, Context()))
     assert (alone[:2], counts) == (reference[0][:2], reference[1])
     ids = reference[0][1]
-    assert set(ids) <= threadctx.propagated(), "an ID off the allowlist was bound"
+    assert set(ids) <= threadctx.propagation_allowlist(), "an ID off the allowlist was bound"
     for name, value in ids.items():
         threadctx._correlation.validate(name, value)
     assert len(reference[0][0]) + len(ids) <= threadctx.BAGGAGE_MAX_MEMBERS
@@ -142,7 +142,7 @@ def test_inject_is_the_propagators_inject(
     ids: dict[str, str], entries: dict[str, str], extra: list[str]
 ) -> None:
     """Same headers: inject() under ``baggage`` and ``threadctx``, OpenTelemetry's inject, the propagator."""
-    threadctx.propagate(*extra)
+    threadctx.allow_propagation(*extra)
     span = NonRecordingSpan(SpanContext(int(TRACE_ID, 16), 0xF067AA0BA902B7, True, TraceFlags(1)))
     context = trace.set_span_in_context(span, Context())
     for name, value in entries.items():
@@ -165,7 +165,7 @@ def test_inject_is_the_propagators_inject(
     finally:
         otel_context.detach(token)
     sent = dict(baggage.get_all(W3CBaggagePropagator().extract(reference, Context())))
-    allowed = {name: value for name, value in ids.items() if name in threadctx.propagated()}
+    allowed = {name: value for name, value in ids.items() if name in threadctx.propagation_allowlist()}
     others = {name: value for name, value in entries.items() if name not in allowed}
     assert sent == {**others, **allowed}, "baggage of others kept, allowlisted IDs added, nothing else"
 
@@ -206,14 +206,12 @@ def test_the_request_id_header_from_the_argument_or_the_environment(monkeypatch:
 
 def test_the_request_id_header_carries_only_a_valid_allowlisted_request_id() -> None:
     """A value failing the middlewares' request-id rule goes in baggage only (encoded), not in the header."""
-    from threadctx import _propagation
-
     propagator = threadctx.CorrelationPropagator(request_id_header="X-Request-ID")
     carrier: dict[str, str] = {}
     with threadctx.bound(request_id="a b;c"):
         propagator.inject(carrier)
     assert carrier == {"baggage": "request_id=a+b%3Bc"}
-    _propagation._allowlist = frozenset({"tenant"})  # an operator's list without request_id
+    threadctx.set_propagation_allowlist({"tenant"})  # an operator's list without request_id
     carrier = {}
     with threadctx.bound(request_id="r-3", tenant="acme"):
         propagator.inject(carrier)
@@ -428,7 +426,7 @@ def test_b_logs_with_as_trace_and_request_id_through_the_client_instrumentation(
 
 def test_hostile_baggage_sent_to_b_is_cut_and_refused(tracer_provider: TracerProvider) -> None:
     """Under the propagator, B cuts a hostile header to the limits and binds no invalid ID."""
-    threadctx.propagate("tenant")
+    threadctx.allow_propagation("tenant")
     members = ["request_id=a%20b%3Bc", "tenant=a%0Aforged", *(f"m{i}=v" for i in range(100))]
     with (
         waitress_servers() as serve,

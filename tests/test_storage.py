@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import _thread
+import copy
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
+import json
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -284,8 +289,6 @@ def test_snapshot_shows_every_parked_thread(tracer_provider: TracerProvider) -> 
         assert entry.name == thread.name
         assert entry.native_id == native_id
         assert entry.span_name == thread.name.replace("worker", "job")
-        with pytest.raises(TypeError):
-            entry.correlation["request_id"] = "forged"  # type: ignore[index]
     # Once the threads are gone, so are their entries.
     remaining = {entry.thread_id for entry in threadctx.snapshot()}
     assert not remaining & {thread.ident for thread in threads}
@@ -297,6 +300,61 @@ def test_snapshot_of_the_calling_thread_reads_its_current_context() -> None:
     assert [dict(entry.correlation) for entry in mine] == [{"request_id": "me"}]
     assert mine[0].trace_id is None
     assert mine[0].span_id is None
+
+
+def test_a_snapshot_is_a_plain_value(tracer_provider: TracerProvider) -> None:
+    """asdict, deepcopy, pickle and JSON through to_dict() all work, and give back the same value."""
+    with tracer_provider.get_tracer("test").start_as_current_span("job"), threadctx.bound(request_id="r-1"):
+        threadctx.get_thread_storage()["held"] = True
+        try:
+            [entry] = entries_for(threading.get_ident())
+        finally:
+            threadctx.delete_thread_storage()
+    assert entry.trace_id is not None
+    assert entry.span_started_at is not None
+    names = [f.name for f in dataclasses.fields(entry)]
+    assert not [name for name in names if name.startswith("_")]
+
+    as_dict = dataclasses.asdict(entry)
+    assert list(as_dict) == names
+    assert as_dict["correlation"] == {"request_id": "r-1"}
+    assert entry.to_dict() == as_dict
+    assert json.loads(json.dumps(entry.to_dict())) == as_dict
+    assert threadctx.ThreadSnapshot(**as_dict) == entry
+    assert copy.deepcopy(entry) == entry
+    assert copy.copy(entry) == entry
+    assert pickle.loads(pickle.dumps(entry)) == entry
+    assert hash(pickle.loads(pickle.dumps(entry))) == hash(entry)
+    assert {entry: 1}[copy.deepcopy(entry)] == 1
+
+
+def test_a_snapshots_correlation_is_its_own_dict() -> None:
+    """Changing it changes neither the thread's context nor another snapshot; no field can be set."""
+    with threadctx.bound(request_id="r-1"):
+        [first] = entries_for(threading.get_ident())
+        first.correlation["request_id"] = "changed"  # type: ignore[index]
+        [second] = entries_for(threading.get_ident())
+        assert threadctx.correlation() == {"request_id": "r-1"}
+    assert type(first.correlation) is dict
+    assert second.correlation == {"request_id": "r-1"}
+    given = {"request_id": "r-2"}
+    built = threadctx.ThreadSnapshot(
+        thread_id=1,
+        native_id=2,
+        name="t",
+        trace_id=None,
+        span_id=None,
+        span_name=None,
+        correlation=MappingProxyType(given),
+        has_storage=False,
+    )
+    given["request_id"] = "r-3"
+    assert built.correlation == {"request_id": "r-2"}
+    assert type(built.correlation) is dict
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.name = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        threadctx.ThreadSnapshot(1, 2, "t", None, None, None, {}, False)  # type: ignore[misc]
 
 
 def test_snapshot_never_raises_while_threads_start_and_stop() -> None:

@@ -22,7 +22,7 @@ def state() -> tuple[int | None, dict[str, str]]:
 def test_wrap_runs_in_the_callers_context_and_restores_the_workers(tracer_provider: TracerProvider) -> None:
     tracer = tracer_provider.get_tracer("t")
     with tracer.start_as_current_span("caller") as span, threadctx.bound(request_id="r-w"):
-        wrapped = threadctx.wrap(state)
+        wrapped = threadctx.wrap_context(state)
     expected = (span.get_span_context().span_id, {"request_id": "r-w"})
     results: list[object] = []
 
@@ -43,7 +43,7 @@ def test_wrap_restores_after_an_exception_and_undoes_leftover_binds() -> None:
         raise ValueError("task failed")
 
     with threadctx.bound(request_id="r-e"):
-        wrapped = threadctx.wrap(task)
+        wrapped = threadctx.wrap_context(task)
     with pytest.raises(ValueError, match="task failed"):
         wrapped()
     assert threadctx.correlation() == {}
@@ -52,7 +52,9 @@ def test_wrap_restores_after_an_exception_and_undoes_leftover_binds() -> None:
 def test_thread_starts_in_its_creators_context() -> None:
     seen: list[dict[str, str]] = []
     with threadctx.bound(request_id="r-t"):
-        thread = threadctx.Thread(target=lambda: seen.append(dict(threadctx.correlation())), name="carried")
+        thread = threadctx.ContextThread(
+            target=lambda: seen.append(dict(threadctx.correlation())), name="carried"
+        )
     thread.start()
     thread.join(JOIN)
     assert seen == [{"request_id": "r-t"}]

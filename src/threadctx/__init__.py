@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 # ``name as name`` (an explicit re-export). Eagerly only from modules that do not import
 # ``opentelemetry.trace`` at import time: this package is loaded through the
 # ``opentelemetry_context`` entry point while ``opentelemetry.context`` is still being imported.
-from threadctx._correlation import MAX_IDS as MAX_IDS
-from threadctx._correlation import MAX_NAME_LENGTH as MAX_NAME_LENGTH
-from threadctx._correlation import MAX_VALUE_LENGTH as MAX_VALUE_LENGTH
+from threadctx._correlation import CORRELATION_MAX_IDS as CORRELATION_MAX_IDS
+from threadctx._correlation import CORRELATION_MAX_NAME_LENGTH as CORRELATION_MAX_NAME_LENGTH
+from threadctx._correlation import CORRELATION_MAX_VALUE_LENGTH as CORRELATION_MAX_VALUE_LENGTH
 from threadctx._correlation import bind as bind
 from threadctx._correlation import bound as bound
-from threadctx._correlation import clear as clear
+from threadctx._correlation import clear_correlation as clear_correlation
 from threadctx._correlation import correlation as correlation
 from threadctx._correlation import unbind as unbind
 from threadctx._reader import ReaderInfo as ReaderInfo
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from threadctx._integrations import loguru_patcher as loguru_patcher
     from threadctx._integrations import structlog_processor as structlog_processor
     from threadctx._ops.metrics import instrument_metrics as instrument_metrics
+    from threadctx._ops.metrics import uninstrument_metrics as uninstrument_metrics
     from threadctx._ops.report import dump as dump
     from threadctx._ops.signal import install_dump_signal as install_dump_signal
     from threadctx._ops.watchdog import Watchdog as Watchdog
@@ -52,18 +53,19 @@ if TYPE_CHECKING:
     from threadctx._processes import wrap_process as wrap_process
     from threadctx._propagation import BAGGAGE_MAX_BYTES as BAGGAGE_MAX_BYTES
     from threadctx._propagation import BAGGAGE_MAX_MEMBERS as BAGGAGE_MAX_MEMBERS
+    from threadctx._propagation import allow_propagation as allow_propagation
     from threadctx._propagation import attached as attached
     from threadctx._propagation import extract as extract
     from threadctx._propagation import inject as inject
-    from threadctx._propagation import propagate as propagate
-    from threadctx._propagation import propagated as propagated
+    from threadctx._propagation import propagation_allowlist as propagation_allowlist
     from threadctx._propagation import propagation_stats as propagation_stats
+    from threadctx._propagation import set_propagation_allowlist as set_propagation_allowlist
     from threadctx._propagator import CorrelationPropagator as CorrelationPropagator
+    from threadctx._threads import ContextThread as ContextThread
     from threadctx._threads import ContextThreadPoolExecutor as ContextThreadPoolExecutor
-    from threadctx._threads import Thread as Thread
     from threadctx._threads import instrument_threading as instrument_threading
     from threadctx._threads import uninstrument_threading as uninstrument_threading
-    from threadctx._threads import wrap as wrap
+    from threadctx._threads import wrap_context as wrap_context
     from threadctx._vendors import PRESETS as PRESETS
     from threadctx._vendors import FieldNames as FieldNames
 
@@ -80,12 +82,12 @@ _EXPORTS: dict[str, str] = {
     "snapshot": "threadctx._snapshot",
     "ReaderInfo": "threadctx._reader",
     "reader_info": "threadctx._reader",
-    "MAX_IDS": "threadctx._correlation",
-    "MAX_NAME_LENGTH": "threadctx._correlation",
-    "MAX_VALUE_LENGTH": "threadctx._correlation",
+    "CORRELATION_MAX_IDS": "threadctx._correlation",
+    "CORRELATION_MAX_NAME_LENGTH": "threadctx._correlation",
+    "CORRELATION_MAX_VALUE_LENGTH": "threadctx._correlation",
     "bind": "threadctx._correlation",
     "bound": "threadctx._correlation",
-    "clear": "threadctx._correlation",
+    "clear_correlation": "threadctx._correlation",
     "correlation": "threadctx._correlation",
     "unbind": "threadctx._correlation",
     # Lazy: loaded on first use.
@@ -95,14 +97,15 @@ _EXPORTS: dict[str, str] = {
     "attached": "threadctx._propagation",
     "extract": "threadctx._propagation",
     "inject": "threadctx._propagation",
-    "propagate": "threadctx._propagation",
-    "propagated": "threadctx._propagation",
+    "allow_propagation": "threadctx._propagation",
+    "propagation_allowlist": "threadctx._propagation",
     "propagation_stats": "threadctx._propagation",
+    "set_propagation_allowlist": "threadctx._propagation",
+    "ContextThread": "threadctx._threads",
     "ContextThreadPoolExecutor": "threadctx._threads",
-    "Thread": "threadctx._threads",
     "instrument_threading": "threadctx._threads",
     "uninstrument_threading": "threadctx._threads",
-    "wrap": "threadctx._threads",
+    "wrap_context": "threadctx._threads",
     "ContextProcessPoolExecutor": "threadctx._processes",
     "wrap_process": "threadctx._processes",
     "PRESETS": "threadctx._vendors",
@@ -117,6 +120,7 @@ _EXPORTS: dict[str, str] = {
     "Watchdog": "threadctx._ops.watchdog",
     "start_watchdog": "threadctx._ops.watchdog",
     "instrument_metrics": "threadctx._ops.metrics",
+    "uninstrument_metrics": "threadctx._ops.metrics",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 - from the table; the imports above re-export explicitly

@@ -1,6 +1,6 @@
 """Running a callable in a given OpenTelemetry context, whatever kind of callable it is.
 
-Used by :func:`threadctx.wrap`, :func:`threadctx.bound` as a decorator and the
+Used by :func:`threadctx.wrap_context`, :func:`threadctx.bound` as a decorator and the
 thread and pool helpers.  A plain function runs between one ``attach`` and its
 ``detach``.  A coroutine function attaches inside the coroutine, so the
 context holds across every ``await`` of that one task.  A generator (or

@@ -28,12 +28,12 @@ R = TypeVar("R")
 
 __all__ = [
     "CORRELATION_KEY",
-    "MAX_IDS",
-    "MAX_NAME_LENGTH",
-    "MAX_VALUE_LENGTH",
+    "CORRELATION_MAX_IDS",
+    "CORRELATION_MAX_NAME_LENGTH",
+    "CORRELATION_MAX_VALUE_LENGTH",
     "bind",
     "bound",
-    "clear",
+    "clear_correlation",
     "correlation",
     "unbind",
     "validate",
@@ -43,13 +43,13 @@ __all__ = [
 CORRELATION_KEY = "threadctx.correlation"
 """The OpenTelemetry context key under which correlation IDs are stored."""
 
-MAX_NAME_LENGTH = 64
+CORRELATION_MAX_NAME_LENGTH = 64
 """Longest correlation ID name accepted, in characters."""
 
-MAX_VALUE_LENGTH = 256
+CORRELATION_MAX_VALUE_LENGTH = 256
 """Longest correlation ID value accepted, in characters."""
 
-MAX_IDS = 64
+CORRELATION_MAX_IDS = 64
 """Most correlation IDs one context may carry (the W3C baggage member limit)."""
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -59,9 +59,9 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 def validate(name: object, value: object) -> None:
     """Raise if ``name=value`` may not be bound as a correlation ID.
 
-    Names are ASCII identifiers of at most :data:`MAX_NAME_LENGTH` characters
+    Names are ASCII identifiers of at most :data:`CORRELATION_MAX_NAME_LENGTH` characters
     (so ``%(name)s`` works in a log format).  Values are strings of at most
-    :data:`MAX_VALUE_LENGTH` characters whose every character is printable
+    :data:`CORRELATION_MAX_VALUE_LENGTH` characters whose every character is printable
     (``str.isprintable``): no control characters, line or paragraph
     separators, ANSI escapes or invisible format characters, which could
     forge or hide a log line.
@@ -75,13 +75,16 @@ def validate(name: object, value: object) -> None:
         raise TypeError(f"correlation ID names must be str, not {type(name).__name__}")
     if not isinstance(value, str):
         raise TypeError(f"correlation ID {name!r} must be a str, not {type(value).__name__}")
-    if len(name) > MAX_NAME_LENGTH:
-        raise ValueError(f"correlation ID name {show(name)} is longer than {MAX_NAME_LENGTH} characters")
+    if len(name) > CORRELATION_MAX_NAME_LENGTH:
+        raise ValueError(
+            f"correlation ID name {show(name)} is longer than {CORRELATION_MAX_NAME_LENGTH} characters"
+        )
     if not _NAME.fullmatch(name):
         raise ValueError(f"correlation ID name {show(name)} is not an ASCII identifier")
-    if len(value) > MAX_VALUE_LENGTH:
+    if len(value) > CORRELATION_MAX_VALUE_LENGTH:
         raise ValueError(
-            f"correlation ID {name!r} is {len(value)} characters long; the limit is {MAX_VALUE_LENGTH}"
+            f"correlation ID {name!r} is {len(value)} characters long; "
+            f"the limit is {CORRELATION_MAX_VALUE_LENGTH}"
         )
     if not value.isprintable():
         raise ValueError(
@@ -110,8 +113,10 @@ def merged(ids: Mapping[str, str], context: Context | None = None) -> Context:
         validate(name, value)
     current = correlation(context)
     new = {**current, **ids}
-    if len(new) > MAX_IDS:
-        raise ValueError(f"binding {len(ids)} correlation IDs would exceed the limit of {MAX_IDS}")
+    if len(new) > CORRELATION_MAX_IDS:
+        raise ValueError(
+            f"binding {len(ids)} correlation IDs would exceed the limit of {CORRELATION_MAX_IDS}"
+        )
     return with_ids(new, context)
 
 
@@ -119,12 +124,16 @@ def bind(**ids: str) -> Token[Context]:
     """Bind correlation IDs in the current context, MDC-style.
 
     The IDs stay bound in this thread (or asyncio task) until :func:`unbind`,
-    :func:`clear`, or ``opentelemetry.context.detach`` of the returned token,
+    :func:`clear_correlation`, or ``opentelemetry.context.detach`` of the returned token,
     which restores exactly what was bound before::
 
         threadctx.bind(request_id="r-42", tenant="acme")
 
-    Nothing is bound if any name or value is invalid (see :func:`validate`).
+    Names are ASCII identifiers of at most :data:`CORRELATION_MAX_NAME_LENGTH`
+    characters; values are strings of at most :data:`CORRELATION_MAX_VALUE_LENGTH`
+    printable characters (no control, line-separator or invisible format
+    character, which could forge or hide a log line); a context holds at most
+    :data:`CORRELATION_MAX_IDS`.  Nothing is bound if any name or value is invalid.
 
     Returns:
         The token of the context attached, for ``opentelemetry.context.detach``.
@@ -145,7 +154,7 @@ def unbind(*names: str) -> Token[Context]:
     return _otel_context.attach(with_ids(remaining))
 
 
-def clear() -> Token[Context]:
+def clear_correlation() -> Token[Context]:
     """Remove every correlation ID from the current context.
 
     The current span, baggage and other context values are kept.
@@ -215,7 +224,7 @@ def bound(**ids: str) -> _Bound:
     ``RuntimeError``).
 
     Raises:
-        TypeError, ValueError: an ID is invalid (see :func:`validate`).
+        TypeError, ValueError: an ID is invalid (the rules of :func:`bind`).
     """
     for name, value in ids.items():
         validate(name, value)

@@ -4,7 +4,7 @@ The trace context travels through OpenTelemetry's configured propagators
 (``traceparent``/``tracestate`` by default).  Correlation IDs travel as W3C
 baggage members, but only those on the propagation allowlist, because baggage
 leaves the process: ``request_id`` is on it by default and
-:func:`propagate` adds names.  Within the application's own process pools
+:func:`allow_propagation` adds names.  Within the application's own process pools
 every correlation ID travels, in a header of its own.
 
 Everything read from a carrier is untrusted: the baggage header is cut to the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from typing import Final, TypeVar
@@ -37,17 +37,18 @@ from opentelemetry.propagators.textmap import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from threadctx._correlation import MAX_IDS, correlation, validate, with_ids
+from threadctx._correlation import CORRELATION_MAX_IDS, correlation, validate, with_ids
 
 __all__ = [
     "BAGGAGE_MAX_BYTES",
     "BAGGAGE_MAX_MEMBERS",
+    "allow_propagation",
     "attached",
     "extract",
     "inject",
-    "propagate",
-    "propagated",
+    "propagation_allowlist",
     "propagation_stats",
+    "set_propagation_allowlist",
 ]
 
 BAGGAGE_MAX_MEMBERS: Final = 64
@@ -72,35 +73,71 @@ _W3C_BAGGAGE: Final = W3CBaggagePropagator()
 C = TypeVar("C")
 
 
-def propagate(*names: str) -> frozenset[str]:
+def allow_propagation(*names: str) -> frozenset[str]:
     """Let the named correlation IDs leave the process as W3C baggage.
 
-    ``request_id`` is on the allowlist from the start.  Call this once at
-    start-up, before requests are served::
+    Adds the names to the propagation allowlist, on which ``request_id`` is
+    from the start.  Call it once at start-up, before requests are served::
 
-        threadctx.propagate("tenant", "user_id")
+        threadctx.allow_propagation("tenant", "user_id")
 
     IDs not on the list are never injected into outgoing headers, and are not
-    taken from incoming baggage.
+    taken from incoming baggage.  :func:`set_propagation_allowlist` replaces
+    the whole list (also to take names off it).
 
     Returns:
         The whole allowlist after the call.
 
     Raises:
-        ValueError: a name is not a valid correlation ID name.
+        ValueError: a name is not a valid correlation ID name; nothing is added.
 
     .. versionadded:: 0.1.0
     """
     global _allowlist  # noqa: PLW0603 - one process-wide allowlist, replaced whole
-    for name in names:
-        validate(name, "")
+    added = _valid_names(names)
     with _allowlist_lock:
-        _allowlist = _allowlist | frozenset(names)
+        _allowlist = _allowlist | added
         return _allowlist
 
 
-def propagated() -> frozenset[str]:
-    """Return the names of the correlation IDs that :func:`inject` sends.
+def set_propagation_allowlist(names: Iterable[str]) -> frozenset[str]:
+    """Replace the whole propagation allowlist with ``names``.
+
+    The way back from :func:`allow_propagation`: ``set_propagation_allowlist(())``
+    lets no correlation ID leave the process, not even ``request_id``, and
+    ``set_propagation_allowlist({"request_id"})`` restores the default::
+
+        saved = threadctx.propagation_allowlist()
+        threadctx.set_propagation_allowlist(saved | {"tenant"})
+
+    Returns:
+        The new allowlist.
+
+    Raises:
+        TypeError: ``names`` is a single string, not a collection of names.
+        ValueError: a name is not a valid correlation ID name; the list is unchanged.
+
+    .. versionadded:: 0.1.0
+    """
+    global _allowlist  # noqa: PLW0603 - one process-wide allowlist, replaced whole
+    if isinstance(names, str):
+        raise TypeError(f"set_propagation_allowlist takes a collection of names, not the string {names!r}")
+    new = _valid_names(names)
+    with _allowlist_lock:
+        _allowlist = new
+        return _allowlist
+
+
+def _valid_names(names: Iterable[str]) -> frozenset[str]:
+    """``names`` as a frozenset, each checked as a correlation ID name."""
+    checked = frozenset(names)
+    for name in checked:
+        validate(name, "")
+    return checked
+
+
+def propagation_allowlist() -> frozenset[str]:
+    """Return the names of the correlation IDs that :func:`inject` sends and :func:`extract` takes.
 
     .. versionadded:: 0.1.0
     """
@@ -184,9 +221,9 @@ def valid_ids(pairs: Mapping[str, object]) -> dict[str, str]:
             count("invalid_ids")
         else:
             ids[name] = str(value)  # validate checked that it is a str
-    if len(ids) > MAX_IDS:
-        count("invalid_ids", len(ids) - MAX_IDS)
-        ids = dict(list(ids.items())[:MAX_IDS])
+    if len(ids) > CORRELATION_MAX_IDS:
+        count("invalid_ids", len(ids) - CORRELATION_MAX_IDS)
+        ids = dict(list(ids.items())[:CORRELATION_MAX_IDS])
     return ids
 
 
@@ -272,7 +309,7 @@ def inject(
     """Write the context into outgoing headers, and return the carrier.
 
     The trace context goes through OpenTelemetry's configured propagators;
-    correlation IDs on the allowlist (see :func:`propagate`) go as W3C
+    correlation IDs on the allowlist (see :func:`allow_propagation`) go as W3C
     baggage members, next to any OpenTelemetry baggage (a correlation ID wins
     over a baggage entry of the same name).  When the configured propagators
     send no baggage (``OTEL_PROPAGATORS=tracecontext``), the ``baggage``
@@ -378,7 +415,7 @@ def _bind_incoming(entries: Mapping[str, object], context: Context) -> Context:
     if not incoming:
         return context
     ids = {**correlation(context), **valid_ids(incoming)}
-    return with_ids(dict(list(ids.items())[:MAX_IDS]), context)
+    return with_ids(dict(list(ids.items())[:CORRELATION_MAX_IDS]), context)
 
 
 def extract(

@@ -32,7 +32,7 @@ from opentelemetry.propagators.textmap import (
 )
 
 from threadctx._correlation import correlation
-from threadctx._propagation import BAGGAGE, extract_baggage, inject_baggage, propagated
+from threadctx._propagation import BAGGAGE, extract_baggage, inject_baggage, propagation_allowlist
 from threadctx._requests import REQUEST_ID, check_header_name
 
 __all__ = ["REQUEST_ID_HEADER_ENV", "CorrelationPropagator"]
@@ -76,7 +76,7 @@ class CorrelationPropagator(TextMapPropagator):
 
     On the way out, the ``baggage`` header carries the context's OpenTelemetry
     baggage, as ``baggage`` sends it, plus the correlation IDs on the allowlist
-    (:func:`threadctx.propagate`; a correlation ID wins over a baggage entry of
+    (:func:`threadctx.allow_propagation`; a correlation ID wins over a baggage entry of
     the same name).  On the way in, the header is untrusted: it is cut to the
     W3C limits at whole members, its allowlisted members that pass validation
     are bound as correlation IDs, and its other members become OpenTelemetry
@@ -131,7 +131,11 @@ class CorrelationPropagator(TextMapPropagator):
         context = context if context is not None else otel_context.get_current()
         inject_baggage(carrier, context, setter, keep_baggage=True)
         header = self._request_id_header
-        if header is not None and "request_id" in propagated() and not _has_header(carrier, header):
+        if (
+            header is not None
+            and "request_id" in propagation_allowlist()
+            and not _has_header(carrier, header)
+        ):
             request_id = correlation(context).get("request_id")
             if request_id is not None and REQUEST_ID.fullmatch(request_id):
                 setter.set(carrier, header, request_id)

@@ -28,7 +28,7 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
 from threadctx._compat import OTEL_INSTRUMENTED, baggage_key
-from threadctx._correlation import MAX_IDS, correlation, merged, validate, with_ids
+from threadctx._correlation import CORRELATION_MAX_IDS, correlation, merged, validate, with_ids
 from threadctx._propagation import BAGGAGE, carries_context, count, extract
 from threadctx._text import show
 
@@ -234,7 +234,7 @@ class RequestPolicy:
                 context = extract(carrier, context=current, getter=getter, trace=not has_span)
         ids = correlation(context)
         request_id = self._request_id(getter.get(carrier, self.header), ids)
-        if len(ids) >= MAX_IDS:  # rare: let merged() say why it is refused
+        if len(ids) >= CORRELATION_MAX_IDS:  # rare: let merged() say why it is refused
             return merged({self.name: request_id}, context), request_id
         # The name was validated when the policy was made, and the rule is stricter than validate().
         return with_ids({**ids, self.name: request_id}, context), request_id

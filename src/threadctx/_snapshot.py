@@ -10,9 +10,8 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from threadctx._compat import active_threads, runtime_context
 from threadctx._correlation import correlation as correlation_of
@@ -23,12 +22,24 @@ from threadctx._storage import LiveThread, live_states
 if TYPE_CHECKING:
     from opentelemetry.context.context import Context
 
-__all__ = ["ThreadSnapshot", "foreign_runtime", "snapshot", "warn_if_foreign_runtime"]
+__all__ = [
+    "ThreadSnapshot",
+    "foreign_runtime",
+    "snapshot",
+    "snapshot_with_contexts",
+    "warn_if_foreign_runtime",
+]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ThreadSnapshot:
-    """What one live thread holds, as seen by :func:`snapshot`.
+    """What one live thread holds, as seen by :func:`snapshot`: a plain value.
+
+    Its fields are plain data, taken when the snapshot was: it survives
+    ``dataclasses.asdict``, ``copy.deepcopy`` and ``pickle``, and
+    :meth:`to_dict` gives a JSON-ready ``dict``::
+
+        json.dumps([entry.to_dict() for entry in threadctx.snapshot()])
 
     Attributes:
         thread_id: The thread's ident (``threading.get_ident()``).
@@ -40,17 +51,18 @@ class ThreadSnapshot:
             ``None`` without a valid span.
         span_id: The current span's id, 16 lowercase hex digits, or ``None``.
         span_name: The span's name where the span has one (SDK spans).
-        correlation: The thread's correlation IDs, read-only.
+        correlation: The thread's correlation IDs, a ``dict`` of this
+            snapshot's own (a copy: changing it changes nothing else).
         has_storage: Whether the thread holds a :func:`get_thread_storage` dict.
         span_started_at: When the current span started, in seconds since the
             epoch (``time.time()``), for spans that know it (SDK spans);
             ``None`` otherwise.
-
-            .. versionadded:: 0.1.0
         elapsed: Seconds since ``span_started_at`` when the snapshot was
             taken, or ``None``.
 
-            .. versionadded:: 0.1.0
+    Fields are keyword-only when you build one yourself (in a test, say).
+
+    .. versionadded:: 0.1.0
     """
 
     thread_id: int
@@ -59,15 +71,22 @@ class ThreadSnapshot:
     trace_id: str | None
     span_id: str | None
     span_name: str | None
-    correlation: Mapping[str, str]
+    correlation: Mapping[str, str] = field(hash=False)  # a dict; only hashable fields are hashed
     has_storage: bool
     span_started_at: float | None = None
     elapsed: float | None = None
-    #: The context described, for threadctx's own tools (the watchdog logs in it).
-    _context: Context | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # A dict of its own: a read-only view of the context's mapping would not survive asdict,
+        # deepcopy or pickle, and the context's own mapping must never be handed out.
+        object.__setattr__(self, "correlation", dict(self.correlation))
 
-_EMPTY: Mapping[str, str] = MappingProxyType({})
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as a ``dict`` of its fields, ready for ``json.dumps``.
+
+        .. versionadded:: 0.1.0
+        """
+        return asdict(self)
 
 
 #: Whether the warning about a runtime context other than threadctx's was given.
@@ -111,7 +130,7 @@ def _describe(state: LiveThread, context: Context | None, name: str) -> ThreadSn
     """Describe one thread whose current context is ``context``."""
     trace_id = span_id = span_name = None
     started_at = elapsed = None
-    correlation: Mapping[str, str] = _EMPTY
+    correlation: Mapping[str, str] = {}
     if context is not None:
         # Imported here: this module is loaded while opentelemetry.context is
         # still initialising (entry point), when opentelemetry.trace can't be.
@@ -139,7 +158,6 @@ def _describe(state: LiveThread, context: Context | None, name: str) -> ThreadSn
         has_storage=state.storage is not None,
         span_started_at=started_at,
         elapsed=elapsed,
-        _context=context,
     )
 
 
@@ -156,7 +174,18 @@ def snapshot() -> list[ThreadSnapshot]:
     or no compiler at install time) from the context they attached last.
     """
     warn_if_foreign_runtime()
-    # Imported here for the same reason as in _describe.
+    return [entry for entry, _ in snapshot_with_contexts()]
+
+
+def snapshot_with_contexts() -> list[tuple[ThreadSnapshot, Context | None]]:
+    """What :func:`snapshot` returns, each entry with the context it describes (for threadctx's own tools).
+
+    The watchdog logs in a stuck thread's context; a :class:`ThreadSnapshot` is
+    a plain value and does not carry it.  Unlike :func:`snapshot`, it does not
+    warn about a foreign runtime context: its callers warned when they started.
+    """
+    # Imported here: this module is loaded while opentelemetry.context is
+    # still initialising (entry point), when opentelemetry.trace can't be.
     from opentelemetry import context as otel_context
 
     threads = active_threads()
@@ -174,6 +203,6 @@ def snapshot() -> list[ThreadSnapshot]:
                 continue
         thread = threads.get(live.ident)
         name = thread.name if thread is not None else f"<thread {live.ident}>"
-        result.append(_describe(live, context, name))
-    result.sort(key=lambda entry: entry.thread_id)
+        result.append((_describe(live, context, name), context))
+    result.sort(key=lambda pair: pair[0].thread_id)
     return result

@@ -15,21 +15,27 @@ from opentelemetry import context as otel_context
 from threadctx._carry import in_context, kind_of, run_in
 from threadctx._compat import OTEL_THREAD_CONTEXT, is_wrapt_proxy, serves_many
 
-__all__ = ["ContextThreadPoolExecutor", "Thread", "instrument_threading", "uninstrument_threading", "wrap"]
+__all__ = [
+    "ContextThread",
+    "ContextThreadPoolExecutor",
+    "instrument_threading",
+    "uninstrument_threading",
+    "wrap_context",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
     """Return a callable that runs ``fn`` in the caller's current context.
 
     The context (span, baggage, correlation IDs) is captured now, when
-    ``wrap`` is called; each call of the result attaches it, runs ``fn`` and
+    ``wrap_context`` is called; each call of the result attaches it, runs ``fn`` and
     restores the calling thread's own context afterwards, also when ``fn``
     raises, and also undoing whatever ``fn`` bound and left bound::
 
-        pool.submit(threadctx.wrap(handle), request)
+        pool.submit(threadctx.wrap_context(handle), request)
 
     ``async def`` functions keep the context across every ``await``;
     generators and async generators keep it for each of their steps and give
@@ -54,14 +60,14 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 _NOT_PICKLABLE = (
-    "the callable that threadctx.wrap() returned holds a live context (spans, with their locks) "
+    "the callable that threadctx.wrap_context() returned holds a live context (spans, with their locks) "
     "and cannot be pickled: for work that crosses a process, use threadctx.wrap_process(fn), "
     "which carries the context as W3C headers"
 )
 
 
 class _Captured:
-    """The context that :func:`wrap` captured, called for it at each call; never pickled."""
+    """The context that :func:`wrap_context` captured, called for it at each call; never pickled."""
 
     __slots__ = ("context",)
 
@@ -76,7 +82,7 @@ class _Captured:
 
 
 class _ContextCall(Generic[P, R]):
-    """What :func:`wrap` returns for a plain callable: ``fn`` run in the captured context.
+    """What :func:`wrap_context` returns for a plain callable: ``fn`` run in the captured context.
 
     Looks like ``fn`` (``functools.update_wrapper``), binds as a method as a
     function does, copies as itself, and refuses to be pickled with a message
@@ -104,10 +110,10 @@ class _ContextCall(Generic[P, R]):
         return self
 
     def __repr__(self) -> str:
-        return f"threadctx.wrap({self._threadctx_fn!r})"
+        return f"threadctx.wrap_context({self._threadctx_fn!r})"
 
 
-class Thread(threading.Thread):
+class ContextThread(threading.Thread):
     """A ``threading.Thread`` whose ``run`` happens in the context of the thread that created it.
 
     .. versionadded:: 0.1.0
@@ -265,10 +271,14 @@ class _RunInContext:
 def _patched_start(owner: type[threading.Thread]) -> Callable[[threading.Thread], None]:
     def start(self: threading.Thread) -> None:
         original = _original(owner, "start", self)
-        # threadctx.Thread carries its own context; a thread that is already
+        # threadctx.ContextThread carries its own context; a thread that is already
         # wrapped was wrapped by the patch of a base class (Timer.start
         # reaches Thread.start).
-        if not _enabled or isinstance(self, Thread) or isinstance(vars(self).get("run"), _RunInContext):
+        if (
+            not _enabled
+            or isinstance(self, ContextThread)
+            or isinstance(vars(self).get("run"), _RunInContext)
+        ):
             original()
             return
         context = otel_context.Context() if serves_many(self) else otel_context.get_current()

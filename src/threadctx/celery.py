@@ -9,7 +9,7 @@
 
 When a task is published, the current trace context goes into the message
 headers through OpenTelemetry's configured propagators, and the correlation
-IDs on the propagation allowlist (:func:`threadctx.propagate`) into a header
+IDs on the propagation allowlist (:func:`threadctx.allow_propagation`) into a header
 of their own.  On the worker, on whichever thread (or prefork child) runs the
 task, the whole execution of the task runs in that context with ``task_id``
 and ``task_name`` bound as correlation IDs: not only the body, but all that
@@ -42,7 +42,7 @@ from opentelemetry.propagators.textmap import Getter
 
 from threadctx._compat import celery_tracer_modules
 from threadctx._correlation import correlation, merged
-from threadctx._propagation import decode_ids, encode_ids, extract, propagated, valid_ids
+from threadctx._propagation import decode_ids, encode_ids, extract, propagation_allowlist, valid_ids
 
 __all__ = ["HEADER", "instrument", "is_instrumented", "uninstrument"]
 
@@ -80,7 +80,7 @@ def _on_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
     if headers is None or not _apps:
         return
     otel_propagate.inject(headers)
-    allowed = propagated()
+    allowed = propagation_allowlist()
     ids = {name: value for name, value in correlation().items() if name in allowed}
     if ids:
         headers[HEADER] = encode_ids(ids)
@@ -94,7 +94,7 @@ def _task_context(task: Task[Any, Any], task_id: object, request: Mapping[str, A
         context, ids = current, {}
     else:
         context = extract(request, context=current, getter=_GETTER)
-        ids = {**decode_ids(request.get(HEADER), propagated())}
+        ids = {**decode_ids(request.get(HEADER), propagation_allowlist())}
     if task_id:
         ids["task_id"] = task_id
     ids["task_name"] = task.name

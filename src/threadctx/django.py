@@ -49,6 +49,12 @@ class ContextMiddleware:
     When Django loads it, it warns if OpenTelemetry's middleware comes after
     it in ``MIDDLEWARE`` (that order cannot work).
 
+    Django builds middleware itself, with no options: to change one, subclass
+    it and set the class attribute (the options of the WSGI middleware),
+    ``header`` (``"X-Request-ID"``), ``name`` (``"request_id"``),
+    ``trust_incoming`` (``True``), ``response_header`` (``True``), or
+    override :meth:`generate`.
+
     .. versionadded:: 0.1.0
     """
 

@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from threadctx._fields import RESERVED
 from threadctx._ops.report import NO_STACK, current_frames, describe_span, stack
-from threadctx._snapshot import ThreadSnapshot, snapshot, warn_if_foreign_runtime
+from threadctx._snapshot import ThreadSnapshot, snapshot_with_contexts, warn_if_foreign_runtime
 from threadctx._storage import OwnThread, at_fork_in_child
 from threadctx._text import printable
 
@@ -64,7 +65,7 @@ class Ages:
 
 
 class Watchdog:
-    """A running watchdog; see :func:`start_watchdog`.
+    """A running watchdog, as :func:`start_watchdog` returns it (which checks the options first).
 
     Stop it with :meth:`stop`, or use it as a context manager::
 
@@ -102,12 +103,14 @@ class Watchdog:
                 self._report(error)
 
     def _check(self) -> None:
-        busy = self._ages.busy(snapshot(), time.time())
+        taken = snapshot_with_contexts()
+        busy = self._ages.busy([entry for entry, _ in taken], time.time())
         self._reported &= {key for _, key, _ in busy}  # forget spans that ended
         stuck = [(entry, key, age) for entry, key, age in busy if age >= self.threshold]
         new = [item for item in stuck if item[1] not in self._reported]
         if not new:
             return
+        contexts = {entry.thread_id: context for entry, context in taken}
         frames = current_frames()  # only now: it materialises every thread's frames
         try:
             for entry, key, age in new:
@@ -117,11 +120,11 @@ class Watchdog:
                     lines = stack(frame, _FRAMES, source=True)
                 else:  # a free-threaded build says why; a thread that ended meanwhile has none
                     lines = [NO_STACK] if entry.thread_id in frames else []
-                self._warn(entry, age, lines)
+                self._warn(entry, contexts[entry.thread_id], age, lines)
         finally:
             del frames  # this thread's own frame is among them: no cycle left behind
 
-    def _warn(self, entry: ThreadSnapshot, age: float, stack: list[str]) -> None:
+    def _warn(self, entry: ThreadSnapshot, context: Context | None, age: float, stack: list[str]) -> None:
         extra: dict[str, object] = {"trace_id": entry.trace_id, "span_id": entry.span_id}
         for name, value in entry.correlation.items():
             if name not in RESERVED:  # a record's own attributes can't be given in extra=
@@ -132,7 +135,7 @@ class Watchdog:
         details = "\n".join(describe_span(entry) + (["  stack (innermost last):", *stack] if stack else []))
         # Logged in the stuck thread's context, so that every filter and handler (threadctx's,
         # OpenTelemetry's) attributes the record to the stuck request.
-        token = otel_context.attach(entry._context) if entry._context is not None else None
+        token = otel_context.attach(context) if context is not None else None
         try:
             self.logger.warning(
                 'thread "%s" (ident=%d) has served its span for %.1fs (threshold %gs)\n%s',
@@ -209,7 +212,7 @@ at_fork_in_child(_restart_in_child)
 
 
 def start_watchdog(
-    threshold: float = 30.0, interval: float | None = None, logger: logging.Logger | str | None = None
+    threshold: float = 30.0, *, interval: float | None = None, logger: logging.Logger | str | None = None
 ) -> Watchdog:
     """Start a thread that warns about every thread serving one span longer than ``threshold`` seconds.
 
