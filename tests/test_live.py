@@ -7,6 +7,7 @@ checked against that service's own ``snapshot()``.
 
 from __future__ import annotations
 
+import contextlib
 import html.parser
 import json
 import os
@@ -555,32 +556,40 @@ def test_the_page_in_headless_chromium_shows_the_rows_and_no_injected_markup(
     service.release_all()
 
 
+@contextlib.contextmanager
+def thread_in_a_request(name: str, request_id: str) -> Iterator[None]:
+    """A thread named ``name`` held in a span named ``work`` with ``request_id`` bound, for the block."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    import threadctx
+
+    inside, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        tracer = TracerProvider().get_tracer("t")
+        with tracer.start_as_current_span("work"), threadctx.bound(request_id=request_id):
+            inside.set()
+            release.wait(WAIT)
+
+    worker = threading.Thread(target=work, name=name)
+    worker.start()
+    try:
+        assert inside.wait(WAIT)
+        yield
+    finally:
+        release.set()
+        worker.join(WAIT)
+
+
 @pytest.mark.other_threads_stacks
 def test_stacks_are_shown_only_when_asked() -> None:
     """Without ``stacks=True`` no frame of the service's code is shown, in JSON or HTML."""
     from threadctx import threadz
 
-    inside, release = threading.Event(), threading.Event()
-    from opentelemetry.sdk.trace import TracerProvider
-
-    import threadctx
-
-    def work() -> None:
-        tracer = TracerProvider().get_tracer("t")
-        with tracer.start_as_current_span("work"), threadctx.bound(request_id="r-1"):
-            inside.set()
-            release.wait(WAIT)
-
-    worker = threading.Thread(target=work, name="worker-stack")
-    worker.start()
-    try:
-        assert inside.wait(WAIT)
+    with thread_in_a_request("worker-stack", "r-1"):
         plain = call_wsgi(threadz.wsgi_app(), query="format=json")
         with_stacks = call_wsgi(threadz.wsgi_app(stacks=True), query="format=json")
         page = call_wsgi(threadz.wsgi_app(stacks=True))
-    finally:
-        release.set()
-        worker.join(WAIT)
     (row,) = [row for row in json.loads(plain[2]) if row["thread"] == "worker-stack"]
     assert "stack" not in row
     (row,) = [row for row in json.loads(with_stacks[2]) if row["thread"] == "worker-stack"]
@@ -911,29 +920,13 @@ def test_the_default_check_refuses_rebinding_and_proxied_requests_on_a_real_serv
     )
 
 
+@pytest.mark.other_threads_stacks
 def test_the_page_shows_each_stack_line_on_a_line_of_its_own() -> None:
     """The stack's lines are escaped one by one: a newline inside a line is shown, the lines are kept."""
-    from opentelemetry.sdk.trace import TracerProvider
-
-    import threadctx
     from threadctx import threadz
 
-    inside, release = threading.Event(), threading.Event()
-
-    def work() -> None:
-        tracer = TracerProvider().get_tracer("t")
-        with tracer.start_as_current_span("work"), threadctx.bound(request_id="r-stack"):
-            inside.set()
-            release.wait(WAIT)
-
-    worker = threading.Thread(target=work, name="worker-lines")
-    worker.start()
-    try:
-        assert inside.wait(WAIT)
+    with thread_in_a_request("worker-lines", "r-stack"):
         page = call_wsgi(threadz.wsgi_app(stacks=True))[2].decode()
-    finally:
-        release.set()
-        worker.join(WAIT)
     stacks = re.findall(r"<pre>(.*?)</pre>", page, re.DOTALL)
     (stack,) = [stack for stack in stacks if "release.wait(WAIT)" in stack]
     lines = stack.split("\n")
