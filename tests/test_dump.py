@@ -97,15 +97,7 @@ def test_frames_limits_the_stack(busy_threads: None) -> None:
 @pytest.mark.other_threads_stacks
 @needs_sigusr1
 def test_the_signal_writes_the_report_to_a_file_descriptor(busy_threads: None) -> None:
-    read_end, write_end = os.pipe()
-    previous = threadctx.install_dump_signal(signal.SIGUSR1, file=write_end)
-    try:
-        signal.raise_signal(signal.SIGUSR1)  # the handler has run when this returns
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-        os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        report = pipe.read()
+    report = signal_report()
     assert "correlation: request_id=r-7" in block(report, "pool_0")
     assert ".wait(JOIN)" not in report, "no source lines from a signal handler"
     assert "in stuck_in_request" in report
