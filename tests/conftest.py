@@ -14,6 +14,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 
+import hypothesis
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
@@ -27,6 +28,12 @@ import threadctx
 # can: the closest a GIL build gets to the interleavings of a free-threaded one.
 if os.environ.get("THREADCTX_SWITCH_INTERVAL"):
     sys.setswitchinterval(float(os.environ["THREADCTX_SWITCH_INTERVAL"]))
+
+# In CI (CI=true) the generated tests draw the same examples on every run, so that a run that
+# lands is one that can be repeated; locally they draw new ones and keep what fails in .hypothesis/.
+hypothesis.settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
 
 assert isinstance(otel_context._RUNTIME_CONTEXT, threadctx.ThreadRuntimeContext), (
     "OTEL_PYTHON_CONTEXT=threadctx did not select threadctx's runtime context"

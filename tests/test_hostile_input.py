@@ -138,6 +138,7 @@ baggage_request_ids = st.one_of(
 @example(request_id=None, traceparent="", baggage_header="request_id=%E2%98%83")
 @example(request_id=None, traceparent="", baggage_header="request_id=%ED%A0%80")  # a lone surrogate
 @example(request_id=None, traceparent="", baggage_header="request_id=0,")  # a trailing comma
+@example(request_id=None, traceparent="", baggage_header="request_id=\ud800")  # not encodable (found by CI)
 def test_request_id_header(request_id: str | None, traceparent: str, baggage_header: str) -> None:
     """Whatever the source, header or baggage, what is echoed passes the request-id rule (issue 11.1)."""
     seen: dict[str, Any] = {}
@@ -159,7 +160,10 @@ def test_request_id_header(request_id: str | None, traceparent: str, baggage_hea
     # OpenTelemetry's own parser reads, where it takes the header at all.
     member = baggage_header.split(",", 1)[0]
     from_baggage = unquote_plus(member.partition("=")[2].strip(" \t")).strip()
-    parsed = baggage.get_all(W3CBaggagePropagator().extract({"baggage": baggage_header})).get("request_id")
+    try:
+        parsed = baggage.get_all(W3CBaggagePropagator().extract({"baggage": baggage_header})).get("request_id")
+    except UnicodeEncodeError:  # OpenTelemetry's parser raises on a lone surrogate; the middleware does not
+        parsed = None
     assert accepted in (request_id, from_baggage, parsed) or re.fullmatch(r"[0-9a-f]{32}", accepted)
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}", accepted)
     assert one_line(seen["line"])
