@@ -211,6 +211,7 @@ def serve(kind: str, variant: str) -> None:
     # socket says so (proto 0 leaves Nagle on: 40 ms per response, delayed ACKs).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # before the port is printed: a client may connect before uvicorn starts serving
     config = uvicorn.Config(asgi_app(variant), log_level="warning", access_log=False, lifespan="off")
     print(sock.getsockname()[1], flush=True)
     uvicorn.Server(config).run(sockets=[sock])

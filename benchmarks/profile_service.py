@@ -3,7 +3,9 @@
 For each stack asked for, a server process of its own is started (the same app as the
 service benchmark), loaded by 8 client threads from this process, and sampled by
 ``py-spy record --gil`` (Python frames only: no ``--native``; idle threads left out: no
-``--idle``; only the thread holding the GIL, the one running Python code). From the
+``--idle``; only the thread holding the GIL, the one running Python code; full file
+names, without which OpenTelemetry's logging instrumentation is ``logging/__init__.py``
+like the standard library's). From the
 collapsed stacks it prints, per stack:
 
 - the frames with the most samples of their own ("self");
@@ -25,6 +27,7 @@ or in this interpreter's ``bin``).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,7 +127,7 @@ def _record(service: Service, variant: str, path: str, spy: str) -> tuple[Counte
             subprocess.run(
                 [
                     *(spy, "record", "--pid", str(pid), "--rate", str(RATE), "--duration", str(SECONDS)),
-                    *("--format", "raw", "--output", out, "--gil", "--nonblocking"),
+                    *("--format", "raw", "--output", out, "--gil", "--nonblocking", "--full-filenames"),
                 ],
                 check=True,
                 capture_output=True,
@@ -144,11 +147,11 @@ def _short(frame: str) -> str:
     """``func (path/to/site-packages/pkg/mod.py:12)`` -> ``func (pkg/mod.py)``."""
     func, _, where = frame.partition(" (")
     file = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "/src/", "/lib/python3"):
-        if marker in file:
-            file = file.split(marker, 1)[1]
+    for prefix in (r"^.*/site-packages/", r"^.*/src/", r"^.*/lib/python3\.\d+/"):
+        file, found = re.subn(prefix, "", file)
+        if found:
             break
-    if file.startswith(".") or file.startswith("/"):
+    if file.startswith("/"):
         file = file.rsplit("/", 2)[-1]
     return f"`{func}` ({file})"
 
