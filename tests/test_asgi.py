@@ -131,6 +131,31 @@ def test_a_propagator_whose_header_name_has_capitals_is_read() -> None:
     assert seen == [trace_id]
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [[], [(b"Accept", b"*/*")], [(b"cookie", b"a=1"), (b"cookie", b"b=2")]],
+    ids=["lowercase-names-once", "a-name-in-capitals", "a-name-twice"],
+)
+def test_every_form_of_the_header_list_is_read_alike(extra: list[tuple[bytes, bytes]]) -> None:
+    """Headers as servers send them (lowercase, each once) are read as they are, others gathered first.
+
+    A name in capitals or a name twice takes the second way; both read the same context and id.
+    """
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(format(trace.get_current_span().get_span_context().trace_id, "032x"))
+        await echo_app(scope, receive, send)
+
+    scope = http_scope(("traceparent", f"00-{trace_id}-{span_id}-01"), ("X-Request-ID", "r-7"))
+    scope["headers"] += extra
+    start, body = call(ContextMiddleware(app), scope)
+    assert seen == [trace_id]
+    assert json.loads(body["body"]) == {"request_id": "r-7"}
+    assert (b"x-request-id", b"r-7") in start["headers"]
+
+
 def test_a_response_that_sets_the_header_itself_keeps_it() -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"X-Request-ID", b"own")]})

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -281,6 +283,45 @@ def test_a_generated_request_id_is_a_random_uuid4_in_hex() -> None:
     for request_id in made:
         parsed = uuid.UUID(hex=request_id)
         assert (parsed.hex, parsed.version, parsed.variant) == (request_id, 4, uuid.RFC_4122)
+
+
+def test_generated_request_ids_are_unique_across_threads() -> None:
+    """Ids are made ahead in batches: each is handed out once, whichever threads ask at the same time."""
+    threads, each = 8, 1000
+    barrier = threading.Barrier(threads)
+    made: list[list[str]] = [[] for _ in range(threads)]
+
+    def make(out: list[str]) -> None:
+        barrier.wait(JOIN)
+        out.extend(threadctx.wsgi.new_request_id() for _ in range(each))
+
+    workers = [threading.Thread(target=make, args=(out,)) for out in made]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(JOIN)
+    assert len({request_id for out in made for request_id in out}) == threads * each
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_never_hands_out_its_parents_next_request_ids() -> None:
+    threadctx.wsgi.new_request_id()  # a batch is made: the rest of it waits in the parent
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the child only writes
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, " ".join(threadctx.wsgi.new_request_id() for _ in range(8)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {threadctx.wsgi.new_request_id() for _ in range(8)}
+    assert len(child) == 8
+    assert not child & parent
 
 
 @pytest.mark.parametrize(

@@ -11,17 +11,15 @@ import re
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
 from types import MappingProxyType
-from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
+from typing import ParamSpec, TypeVar, cast
 
 # ``import ... as`` and attribute access at call time: this module is imported
 # while ``opentelemetry.context`` may still be initialising (entry point).
 from opentelemetry import context as _otel_context
+from opentelemetry.context.context import Context
 
 from threadctx._carry import in_context
 from threadctx._text import show
-
-if TYPE_CHECKING:
-    from opentelemetry.context.context import Context
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -102,9 +100,15 @@ def correlation(context: Context | None = None) -> Mapping[str, str]:
     return cast("Mapping[str, str]", ids) if ids is not None else _EMPTY
 
 
-def with_ids(ids: Mapping[str, str], context: Context | None = None) -> Context:
-    """A copy of ``context`` whose correlation IDs are ``ids``, unchecked (callers validated them)."""
-    return _otel_context.set_value(CORRELATION_KEY, MappingProxyType(dict(ids)) if ids else None, context)
+def with_ids(ids: Mapping[str, str], context: Context | None = None, *, fresh: bool = False) -> Context:
+    """A copy of ``context`` whose correlation IDs are ``ids``, unchecked (callers validated them).
+
+    ``fresh``: ``ids`` is a new dict that the caller gives up (it is not copied again).
+    """
+    # What opentelemetry.context.set_value does (a copy with one key set), in one step.
+    base = _otel_context.get_current() if context is None else context
+    kept = (ids if fresh else dict(ids)) if ids else None
+    return Context({**base, CORRELATION_KEY: None if kept is None else MappingProxyType(kept)})
 
 
 def merged(ids: Mapping[str, str], context: Context | None = None) -> Context:

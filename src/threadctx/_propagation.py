@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import quote, unquote
 
 from opentelemetry import baggage as otel_baggage
@@ -246,56 +245,53 @@ def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[st
     return valid_ids(pairs)
 
 
-_fields_cache: tuple[object, frozenset[str], frozenset[str], tuple[str, ...]] = (
-    None,
-    frozenset(),
-    frozenset(),
-    (),
-)
+_fields_cache: tuple[object, frozenset[str], tuple[str, ...]] = (None, frozenset(), ())
 
 
-def _cached_fields() -> tuple[object, frozenset[str], frozenset[str], tuple[str, ...]]:
-    """(propagator, its fields, in lowercase, every header extract reads): cached per propagator object."""
+def _cached_fields() -> tuple[object, frozenset[str], tuple[str, ...]]:
+    """(propagator, its fields, every header extract reads): cached per propagator object."""
     global _fields_cache  # noqa: PLW0603 - a one-entry cache, replaced whole
     textmap = otel_propagate.get_global_textmap()
     if _fields_cache[0] is not textmap:
         fields = frozenset(textmap.fields)
-        _fields_cache = (
-            textmap,
-            fields,
-            frozenset(field.lower() for field in fields),
-            (BAGGAGE, *sorted(fields - {BAGGAGE})),
-        )
+        _fields_cache = (textmap, fields, (BAGGAGE, *sorted(fields - {BAGGAGE})))
     return _fields_cache
-
-
-def _propagator_fields(lowercase: bool = False) -> frozenset[str]:
-    """The headers the configured propagators use, as they name them or in lowercase.
-
-    Some are not lowercase: AWS X-Ray's ``X-Amzn-Trace-Id``.
-    """
-    _, fields, lower, _ = _cached_fields()
-    return lower if lowercase else fields
 
 
 def _context_fields() -> tuple[str, ...]:
     """Every header :func:`extract` reads: the propagators' and threadctx's own ``baggage``, once each."""
-    return _cached_fields()[3]
+    return _cached_fields()[2]
 
 
 def _propagator_sends_baggage() -> bool:
-    return BAGGAGE in _propagator_fields()
+    return BAGGAGE in _cached_fields()[1]
 
 
-def carries_context(
-    carrier: CarrierT, getter: Getter[CarrierT], names: AbstractSet[str] | None = None
-) -> bool:
+K = TypeVar("K", bound=Hashable)
+#: A key form -> (the propagator it was made for, every header extract reads, in that form).
+_keyed_fields: dict[Callable[[str], Any], tuple[object, frozenset[Any]]] = {}
+
+
+def context_header_keys(form: Callable[[str], K]) -> frozenset[K]:
+    """Every header :func:`extract` reads, each as a carrier keys it: ``form(header)``.
+
+    Cached per ``form`` (a module-level function) and configured propagator, so that an
+    adapter asks "does this request carry a context?" with one set operation on its
+    carrier's keys (``HTTP_TRACEPARENT`` in a WSGI environ, ``b"traceparent"`` in ASGI).
+    """
+    textmap = otel_propagate.get_global_textmap()
+    found = _keyed_fields.get(form)
+    if found is None or found[0] is not textmap:
+        found = _keyed_fields[form] = (textmap, frozenset(form(header) for header in _context_fields()))
+    keys: frozenset[K] = found[1]
+    return keys
+
+
+def carries_context(carrier: CarrierT, getter: Getter[CarrierT]) -> bool:
     """Whether ``carrier`` has any header that :func:`extract` reads (its own ``baggage`` too).
 
-    ``names``, the carrier's header names in lowercase if the caller has them, saves the lookups.
+    An adapter that can look at its carrier's keys asks :func:`context_header_keys` instead.
     """
-    if names is not None:
-        return BAGGAGE in names or not _propagator_fields(lowercase=True).isdisjoint(names)
     # Each header once, threadctx's own baggage among them.
     return any(getter.get(carrier, field) is not None for field in _context_fields())
 

@@ -16,10 +16,10 @@ import inspect
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping
 from importlib import import_module
-from typing import Any, Final, TypeVar
+from types import MappingProxyType
+from typing import Any, Final, TypeVar, cast
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -28,8 +28,8 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
 from threadctx._compat import OTEL_INSTRUMENTED, baggage_key
-from threadctx._correlation import CORRELATION_MAX_IDS, correlation, merged, validate, with_ids
-from threadctx._propagation import BAGGAGE, carries_context, count, extract
+from threadctx._correlation import CORRELATION_KEY, CORRELATION_MAX_IDS, merged, validate, with_ids
+from threadctx._propagation import BAGGAGE, carries_context, context_header_keys, count, extract
 from threadctx._text import show
 
 __all__ = [
@@ -39,7 +39,10 @@ __all__ = [
     "RequestPolicy",
     "asgi_instrumentor_outside",
     "check_header_name",
+    "environ_carries_context",
+    "environ_key",
     "is_async_callable",
+    "names_carry_context",
     "new_request_id",
     "warn_outside",
     "wsgi_instrumentor_outside",
@@ -57,6 +60,7 @@ _PROPAGATION_HEADERS: Final = frozenset({BAGGAGE, "traceparent", "tracestate"})
 C = TypeVar("C")
 
 _BAGGAGE_KEY: Final = baggage_key()
+_NO_IDS: Final[Mapping[str, str]] = MappingProxyType({})
 
 #: The bits of a random 128-bit number that a version 4 UUID keeps, and those it sets.
 _UUID_KEEP: Final = ~((0xF000 << 64) | (0xC000 << 48)) & (1 << 128) - 1
@@ -76,12 +80,52 @@ def check_header_name(header: object, what: str) -> str:
     return header
 
 
+#: Request ids made ahead, from one os.urandom call per batch (a system call per id cost more than
+#: the rest of the id). Each is popped once: list.pop is atomic, also on a free-threaded build.
+_made: list[str] = []
+_BATCH: Final = 64
+
+
 def new_request_id() -> str:
-    """A new random request id: 32 lowercase hex digits (a random UUID, version 4, as ``uuid4().hex``)."""
+    """A new random request id: 32 lowercase hex digits (a random UUID, version 4, as ``uuid4().hex``).
+
+    From the operating system's random source (``os.urandom``), as ``uuid4()``.
+    """
+    while True:
+        try:
+            return _made.pop()
+        except IndexError:
+            _make_batch()
+
+
+def _make_batch() -> None:
     # What uuid.uuid4() does, without building a UUID object (which costs most of the time):
     # 122 random bits, the version nibble 4 and the RFC 4122 variant bits 10.
-    number = int.from_bytes(os.urandom(16), "big") & _UUID_KEEP | _UUID_SET
-    return format(number, "032x")
+    data = os.urandom(16 * _BATCH)
+    _made.extend(
+        (int.from_bytes(data[start : start + 16], "big") & _UUID_KEEP | _UUID_SET).to_bytes(16, "big").hex()
+        for start in range(0, len(data), 16)
+    )
+
+
+def environ_key(header: str) -> str:
+    """Where a WSGI environ (or Django's ``request.META``) holds a request header: ``HTTP_X_REQUEST_ID``."""
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+def names_carry_context(names: KeysView[str]) -> bool:
+    """Whether request header ``names`` (lowercase) include any that :func:`threadctx.extract` reads."""
+    return not names.isdisjoint(context_header_keys(str.lower))
+
+
+def environ_carries_context(environ: Mapping[str, object]) -> bool:
+    """Whether a WSGI environ holds any header :func:`threadctx.extract` reads (one set operation)."""
+    return not environ.keys().isdisjoint(context_header_keys(environ_key))
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    # A child must not send the ids its parent made: they would be sent twice.
+    os.register_at_fork(after_in_child=_made.clear)
 
 
 def is_async_callable(app: object) -> bool:
@@ -178,10 +222,6 @@ class Body:
             self._step(close)
 
 
-def _has_header(carrier: C, getter: Getter[C], names: AbstractSet[str] | None, header: str) -> bool:
-    return header in names if names is not None else getter.get(carrier, header) is not None
-
-
 class RequestPolicy:
     """Which context and request id a request gets.
 
@@ -212,32 +252,34 @@ class RequestPolicy:
         self.trust_incoming = trust_incoming
         self.response_header = response_header
 
-    def enter(
-        self, carrier: C, getter: Getter[C], names: AbstractSet[str] | None = None
-    ) -> tuple[Context, str]:
+    def enter(self, carrier: C, getter: Getter[C], carries: bool | None = None) -> tuple[Context, str]:
         """The context to serve the request in, and its request id.
 
         The incoming trace context and allowlisted baggage are extracted
         (only the baggage when a server span is already current: an
         OpenTelemetry middleware outside started it), and the request id is
-        bound under :attr:`name`. ``names``: the carrier's header names in
-        lowercase, if the adapter has them at hand.
+        bound under :attr:`name`. ``carries``: whether the carrier holds any
+        header extract reads, if the adapter can tell more cheaply than the
+        getter (see :func:`context_header_keys`).
         """
         context = current = otel_context.get_current()
         # Baggage a middleware outside extracted: to turn into IDs (a Context is a dict).
         extracted_baggage = current.get(_BAGGAGE_KEY) if _BAGGAGE_KEY else otel_baggage.get_all(current)
+        if carries is None:
+            carries = carries_context(carrier, getter)
         # Without a propagation header (or such baggage), extract would return `current`.
-        if carries_context(carrier, getter, names) or extracted_baggage:
+        if carries or extracted_baggage:
             has_span = otel_trace.get_current_span(current).get_span_context().is_valid
             # Under a server span only the baggage is read: skip extract when there is none.
-            if not has_span or extracted_baggage or _has_header(carrier, getter, names, BAGGAGE):
+            if not has_span or extracted_baggage or getter.get(carrier, BAGGAGE) is not None:
                 context = extract(carrier, context=current, getter=getter, trace=not has_span)
-        ids = correlation(context)
+        # correlation(context), inlined: a Context is a dict.
+        ids = cast("Mapping[str, str]", context.get(CORRELATION_KEY) or _NO_IDS)
         request_id = self._request_id(getter.get(carrier, self.header), ids)
         if len(ids) >= CORRELATION_MAX_IDS:  # rare: let merged() say why it is refused
             return merged({self.name: request_id}, context), request_id
         # The name was validated when the policy was made, and the rule is stricter than validate().
-        return with_ids({**ids, self.name: request_id}, context), request_id
+        return with_ids({**ids, self.name: request_id}, context, fresh=True), request_id
 
     def _request_id(self, incoming: list[str] | None, ids: Mapping[str, str]) -> str:
         if not self.trust_incoming:

@@ -25,16 +25,19 @@ not, and warns.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry.propagators.textmap import Getter
 
+from threadctx._propagation import context_header_keys
 from threadctx._requests import (
     RequestPolicy,
     asgi_instrumentor_outside,
     is_async_callable,
+    names_carry_context,
     new_request_id,
     warn_outside,
 )
@@ -85,14 +88,42 @@ class _HeadersGetter(Getter[dict[str, list[str]]]):
         return list(carrier)
 
 
-def _gathered(scope: Scope) -> dict[str, list[str]]:
-    headers: dict[str, list[str]] = {}
-    for name, value in _headers(scope):
-        headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
-    return headers
+def _gathered(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, list[str]]:
+    gathered: dict[str, list[str]] = {}
+    for name, value in headers:
+        gathered.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    return gathered
+
+
+@functools.lru_cache(maxsize=256)  # the few names asked for, again and again
+def _raw_name(header: str) -> bytes:
+    return header.lower().encode("latin-1")
+
+
+class _RawGetter(Getter[dict[bytes, bytes]]):
+    """Reads the headers of one request from its raw headers as a dict (each name once, lowercase)."""
+
+    def get(self, carrier: dict[bytes, bytes], key: str) -> list[str] | None:
+        value = carrier.get(_raw_name(key))
+        return None if value is None else [value.decode("latin-1")]
+
+    def keys(self, carrier: dict[bytes, bytes]) -> list[str]:
+        return [name.decode("latin-1") for name in carrier]
 
 
 _GETTER = _HeadersGetter()
+_RAW_GETTER = _RawGetter()
+
+
+def _carrier(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Any, Getter[Any], bool]:
+    """The request's headers as a carrier, its getter, and whether they carry a context."""
+    if isinstance(headers, (list, tuple)):
+        raw = dict(headers)
+        # Each name once and in lowercase, as servers send them: the raw dict serves, nothing decoded.
+        if len(raw) == len(headers) and b"".join(raw).islower():
+            return raw, _RAW_GETTER, not raw.keys().isdisjoint(context_header_keys(_raw_name))
+    gathered = _gathered(headers)
+    return gathered, _GETTER, names_carry_context(gathered.keys())
 
 
 class ContextMiddleware:
@@ -159,8 +190,8 @@ class ContextMiddleware:
             await self.app(scope, receive, send)
             return
         policy = self.policy
-        headers = _gathered(scope)
-        context, request_id = policy.enter(headers, _GETTER, headers.keys())
+        carrier, getter, carries = _carrier(scope.get("headers") or ())
+        context, request_id = policy.enter(carrier, getter, carries)
         if policy.response_header:
             send = _AddHeader(send, self._header, request_id.encode("latin-1"))
         token = otel_context.attach(context)
@@ -180,9 +211,15 @@ class _AddHeader:
         self.header = header
         self.value = value
 
-    async def __call__(self, message: Message) -> None:
+    # A plain function that returns send's awaitable: no coroutine of its own for every message.
+    def __call__(self, message: Message) -> Awaitable[None]:
         if message.get("type") in _STARTS:
-            headers = list(message.get("headers") or ())
-            if not any(name.lower() == self.header for name, _ in headers):
+            headers = message.get("headers") or ()
+            if not isinstance(headers, (list, tuple)):
+                headers = list(headers)  # any iterable: read once
+            for name, _ in headers:
+                if name.lower() == self.header:  # the application set it: keep its value
+                    break
+            else:
                 message = {**message, "headers": [*headers, (self.header, self.value)]}
-        await self.send(message)
+        return self.send(message)

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from opentelemetry import context as otel_context
 
-from threadctx._requests import Body, RequestPolicy, new_request_id
+from threadctx._requests import Body, RequestPolicy, environ_carries_context, new_request_id
 from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
 
 __all__ = ["ContextMiddleware"]
@@ -83,7 +83,7 @@ class ContextMiddleware:
 
     def __call__(self, request: Any) -> Any:
         """Serve one request in its own context."""
-        context, request_id = self.policy.enter(request.META, _GETTER)
+        context, request_id = self.policy.enter(request.META, _GETTER, environ_carries_context(request.META))
         request.META[ENVIRON_CONTEXT] = context  # the WSGI environ itself, for the access log
         token = otel_context.attach(context)
         try:

@@ -31,7 +31,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from threadctx._compat import flask_otel_keys
-from threadctx._requests import Body, RequestPolicy, new_request_id
+from threadctx._requests import Body, RequestPolicy, environ_carries_context, new_request_id
 from threadctx.wsgi import ENVIRON_CONTEXT, EnvironGetter
 
 __all__ = ["init_app"]
@@ -81,7 +81,7 @@ def init_app(
 
     def bind_now() -> None:
         environ = flask.request.environ
-        context, request_id = policy.enter(environ, _GETTER)
+        context, request_id = policy.enter(environ, _GETTER, environ_carries_context(environ))
         environ[ENVIRON_CONTEXT] = context
         environ[_TOKEN] = otel_context.attach(context)
         environ[_REQUEST_ID] = request_id

@@ -50,7 +50,14 @@ from opentelemetry.propagators.textmap import Getter
 from threadctx._compat import OTEL_GRPC_SERVER, rewrap_otel_grpc_behavior
 from threadctx._correlation import correlation, validate
 from threadctx._propagation import inject
-from threadctx._requests import REQUEST_ID, Body, RequestPolicy, check_header_name, new_request_id
+from threadctx._requests import (
+    REQUEST_ID,
+    Body,
+    RequestPolicy,
+    check_header_name,
+    names_carry_context,
+    new_request_id,
+)
 
 __all__ = ["client_interceptor", "new_request_id", "server_interceptor"]
 
@@ -200,7 +207,7 @@ def _inside_opentelemetry(
 
 def _enter(policy: RequestPolicy, servicer_context: grpc.ServicerContext) -> tuple[Context, _Servicer]:
     headers = _text_metadata(servicer_context.invocation_metadata())
-    context, request_id = policy.enter(headers, _GETTER, headers.keys())
+    context, request_id = policy.enter(headers, _GETTER, names_carry_context(headers.keys()))
     echo = (policy.header.lower(), request_id) if policy.response_header else None
     return context, _Servicer(servicer_context, echo)
 

@@ -26,6 +26,8 @@ from opentelemetry.propagators.textmap import Getter
 from threadctx._requests import (
     Body,
     RequestPolicy,
+    environ_carries_context,
+    environ_key,
     is_async_callable,
     new_request_id,
     warn_outside,
@@ -60,7 +62,7 @@ class EnvironGetter(Getter["WSGIEnvironment"]):
         """The values of header ``key`` (any case), or ``None``."""
         name = _ENVIRON_KEYS.get(key)
         if name is None:
-            name = "HTTP_" + key.upper().replace("-", "_")
+            name = environ_key(key)
             if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_KEPT:  # the few names asked for, again and again
                 _ENVIRON_KEYS[key] = name
         value = carrier.get(name)
@@ -143,7 +145,7 @@ class ContextMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Serve one request in its own context."""
         policy = self.policy
-        context, request_id = policy.enter(environ, _GETTER)
+        context, request_id = policy.enter(environ, _GETTER, environ_carries_context(environ))
         environ[ENVIRON_CONTEXT] = context
         respond = start_response
         if policy.response_header:
@@ -174,6 +176,9 @@ class _AddHeader:
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Callable[[bytes], object]:
         lower = self.lower
-        if not any(name.lower() == lower for name, _ in headers):
+        for name, _ in headers:
+            if name.lower() == lower:  # the application set it: keep its value
+                break
+        else:
             headers = [*headers, (self.header, self.value)]
         return self.start_response(status, headers, exc_info)
