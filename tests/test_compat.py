@@ -13,11 +13,15 @@ from concurrent.futures import thread as futures_thread
 
 import pytest
 from opentelemetry import context as otel_context
+from opentelemetry import propagate
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import threadctx
 from _helpers import JOIN
-from threadctx import _compat, _fields, _snapshot
+from threadctx import _compat, _fields, _propagator, _snapshot
 
 
 def run_in_thread_until_released(release: threading.Event, started: threading.Event) -> threading.Thread:
@@ -276,3 +280,33 @@ def test_without_the_consumers_copy_tasks_still_run_in_their_context(
     with threadctx.bound(request_id="r-eager"):
         result = ids.apply(task_id="t-1").get()
     assert result == {"request_id": "r-eager", "task_id": "t-1", "task_name": "compat.ids"}
+
+
+# ---------------------------------------------------------------------------
+# OpenTelemetry's CompositePropagator._propagators
+
+
+def test_composite_members_are_the_composites_propagators() -> None:
+    first, second = TraceContextTextMapPropagator(), W3CBaggagePropagator()
+    assert _compat.composite_members(CompositePropagator([first, second])) == [first, second]
+    assert _compat.composite_members(first) is None
+
+
+def test_without_the_composites_list_the_propagator_still_sends_and_says_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_propagator, "composite_members", lambda propagator: None)
+    monkeypatch.setattr(_propagator, "_checked", [None])
+    misordered = CompositePropagator(
+        [threadctx.CorrelationPropagator(request_id_header=None), W3CBaggagePropagator()]
+    )
+    saved = propagate.get_global_textmap()
+    propagate.set_global_textmap(misordered)
+    try:
+        with threadctx.bound(request_id="r-1"), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+    finally:
+        propagate.set_global_textmap(saved)
+    assert headers == {"baggage": "request_id=r-1"}, "no baggage in the context: nothing replaced it"

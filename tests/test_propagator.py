@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -216,6 +217,35 @@ def test_the_request_id_header_carries_only_a_valid_allowlisted_request_id() -> 
     with threadctx.bound(request_id="r-3", tenant="acme"):
         propagator.inject(carrier)
     assert carrier == {"baggage": "tenant=acme"}, "the operator did not let request_id out"
+
+
+def test_baggage_after_it_replaces_the_header_and_it_warns_once() -> None:
+    """OTEL_PROPAGATORS=tracecontext,threadctx,baggage: the baggage propagator writes last, without IDs."""
+    misordered = CompositePropagator(
+        [
+            TraceContextTextMapPropagator(),
+            threadctx.CorrelationPropagator(request_id_header=None),
+            W3CBaggagePropagator(),
+        ]
+    )
+    token = otel_context.attach(baggage.set_baggage("other_tool", "kept"))
+    try:
+        with global_textmap(misordered), threadctx.bound(request_id="r-1"):
+            headers: dict[str, str] = {}
+            with pytest.warns(RuntimeWarning, match="OTEL_PROPAGATORS=tracecontext,threadctx"):
+                propagate.inject(headers)
+            assert headers["baggage"] == "other_tool=kept", "what the warning is about"
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                propagate.inject({})  # once per configured propagator
+        with global_textmap(TEXTMAPS["threadctx"]()), threadctx.bound(request_id="r-1"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # in place of baggage: nothing to say
+                headers = {}
+                propagate.inject(headers)
+            assert headers["baggage"] == "request_id=r-1,other_tool=kept"
+    finally:
+        otel_context.detach(token)
 
 
 # ---- OTEL_PROPAGATORS, resolved by OpenTelemetry itself -----------------------------------------

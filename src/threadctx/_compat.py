@@ -42,6 +42,7 @@ __all__ = [
     "active_threads",
     "baggage_key",
     "celery_tracer_modules",
+    "composite_members",
     "flask_otel_keys",
     "is_wrapt_proxy",
     "rewrap_otel_grpc_behavior",
@@ -119,6 +120,17 @@ def baggage_key() -> str:
     except ImportError:
         return ""
     return _BAGGAGE_KEY if isinstance(_BAGGAGE_KEY, str) else ""
+
+
+def composite_members(propagator: object) -> list[object] | None:
+    """The propagators a ``CompositePropagator`` runs, in order (its ``_propagators``), or ``None``.
+
+    ``None`` also for any other propagator. Fallback (the attribute moved): ``None``, and
+    :class:`threadctx.CorrelationPropagator` no longer warns when OpenTelemetry's
+    ``baggage`` propagator runs after it (and overwrites what it wrote).
+    """
+    members = getattr(propagator, "_propagators", None)
+    return list(members) if isinstance(members, (list, tuple)) else None
 
 
 #: Set to True on an application by OpenTelemetry's Flask and ASGI instrumentors. No probe: it

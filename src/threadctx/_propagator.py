@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import enum
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Final
 
 from opentelemetry import context as otel_context
+from opentelemetry import propagate as otel_propagate
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import (
     CarrierT,
@@ -31,6 +34,7 @@ from opentelemetry.propagators.textmap import (
     default_setter,
 )
 
+from threadctx._compat import composite_members
 from threadctx._correlation import correlation
 from threadctx._propagation import BAGGAGE, extract_baggage, inject_baggage, propagation_allowlist
 from threadctx._requests import REQUEST_ID, check_header_name
@@ -50,6 +54,34 @@ def _has_header(carrier: object, header: str) -> bool:
         return False
     lower = header.lower()
     return any(isinstance(key, str) and key.lower() == lower for key in carrier)
+
+
+#: The global propagator last checked by _warn_if_overwritten (a new one is checked once).
+_checked: list[object] = [None]
+
+
+def _warn_if_overwritten(propagator: CorrelationPropagator) -> None:
+    """Warn once per global propagator when OpenTelemetry's ``baggage`` runs after ``propagator``.
+
+    ``OTEL_PROPAGATORS=tracecontext,threadctx,baggage``: the ``baggage`` propagator writes the
+    header after this one and replaces it with OpenTelemetry's baggage alone, so the correlation
+    IDs never leave whenever the context holds baggage.
+    """
+    textmap = otel_propagate.get_global_textmap()
+    if _checked[0] is textmap:
+        return
+    _checked[0] = textmap
+    members = composite_members(textmap) or []
+    after = members[members.index(propagator) + 1 :] if propagator in members else []
+    if any(isinstance(member, W3CBaggagePropagator) for member in after):
+        warnings.warn(
+            "OpenTelemetry's baggage propagator runs after threadctx's and replaces the baggage header "
+            "it wrote: correlation IDs are not sent when the context holds baggage. threadctx's "
+            "propagator sends OpenTelemetry's baggage too; use it in place of baggage: "
+            "OTEL_PROPAGATORS=tracecontext,threadctx",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 class _FromEnvironment(enum.Enum):
@@ -129,6 +161,7 @@ class CorrelationPropagator(TextMapPropagator):
     ) -> None:
         """Write the ``baggage`` header (and the request-id header, if configured) into ``carrier``."""
         context = context if context is not None else otel_context.get_current()
+        _warn_if_overwritten(self)
         inject_baggage(carrier, context, setter, keep_baggage=True)
         header = self._request_id_header
         if (

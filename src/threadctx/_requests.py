@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping
 from importlib import import_module
 from types import MappingProxyType
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -274,7 +274,7 @@ class RequestPolicy:
             if not has_span or extracted_baggage or getter.get(carrier, BAGGAGE) is not None:
                 context = extract(carrier, context=current, getter=getter, trace=not has_span)
         # correlation(context), inlined: a Context is a dict.
-        ids = cast("Mapping[str, str]", context.get(CORRELATION_KEY) or _NO_IDS)
+        ids: Any = context.get(CORRELATION_KEY) or _NO_IDS  # a Mapping[str, str]
         request_id = self._request_id(getter.get(carrier, self.header), ids)
         if len(ids) >= CORRELATION_MAX_IDS:  # rare: let merged() say why it is refused
             return merged({self.name: request_id}, context), request_id
