@@ -8,6 +8,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import gc
+import importlib
 import json
 import logging
 import os
@@ -687,3 +688,59 @@ def test_fork_while_the_metrics_reader_thread_exports(reader: str) -> None:
     finally:
         exporter.release.set()
         provider.shutdown()
+
+
+def _take_locks_once(module: str) -> None:
+    """Calls that take each module-level lock of ``module``."""
+    if module == "threadctx._propagation":
+        threadctx.propagation_stats()
+        threadctx.allow_propagation("tenant")
+    elif module == "threadctx._threads":
+        threadctx.instrument_threading()
+        threadctx.uninstrument_threading()
+    elif module == "threadctx._ops.metrics":
+        threadctx.uninstrument_metrics()
+    else:
+        adapter = importlib.import_module("threadctx.celery")
+        app = importlib.import_module("celery").Celery("fork-lock")
+        adapter.instrument(app)
+        adapter.uninstrument(app)
+
+
+@needs_fork
+@pytest.mark.fork
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("threadctx._propagation", "_stats_lock"),
+        ("threadctx._propagation", "_allowlist_lock"),
+        ("threadctx._threads", "_lock"),
+        ("threadctx._ops.metrics", "_lock"),
+        ("threadctx.celery", "_lock"),
+    ],
+)
+def test_a_lock_another_thread_holds_at_fork_is_free_in_the_child(module: str, name: str) -> None:
+    """The thread that held it does not exist in the child: its copy of the lock would stay held."""
+    if module == "threadctx.celery":
+        pytest.importorskip("celery")
+    lock = getattr(importlib.import_module(module), name)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(JOIN)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(JOIN)
+
+        def child() -> None:
+            signal.alarm(JOIN)  # a lock left held hangs the child: the alarm ends it (exit code -14)
+            _take_locks_once(module)
+
+        assert _fork(child) == 0
+    finally:
+        release.set()
+        holder.join(JOIN)

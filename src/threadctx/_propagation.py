@@ -37,6 +37,7 @@ from opentelemetry.propagators.textmap import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from threadctx._correlation import CORRELATION_MAX_IDS, correlation, validate, with_ids
+from threadctx._storage import new_locks_in_child
 
 __all__ = [
     "BAGGAGE_MAX_BYTES",
@@ -65,6 +66,7 @@ _allowlist_lock = threading.Lock()
 
 _stats: Counter[str] = Counter()
 _stats_lock = threading.Lock()
+new_locks_in_child(globals(), "_allowlist_lock", "_stats_lock")
 
 _TRACE: Final = TraceContextTextMapPropagator()
 _W3C_BAGGAGE: Final = W3CBaggagePropagator()

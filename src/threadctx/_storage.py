@@ -24,7 +24,7 @@ import itertools
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from threadctx import _current
@@ -41,6 +41,7 @@ __all__ = [
     "get_thread_storage",
     "live_states",
     "local",
+    "new_locks_in_child",
 ]
 
 
@@ -224,8 +225,25 @@ def at_fork_in_child(restart: Callable[[], None]) -> None:
     _restarts.append(restart)
 
 
+#: (a module's globals, the names of its locks) to renew in a forked child; see new_locks_in_child.
+_locks: list[tuple[MutableMapping[str, Any], tuple[str, ...]]] = []
+
+
+def new_locks_in_child(namespace: MutableMapping[str, Any], *names: str) -> None:
+    """Give a forked child new ``threading.Lock`` objects under ``names`` in ``namespace``.
+
+    ``namespace`` is a module's ``globals()``, whose functions look their locks up when they
+    run. A thread that held one when another thread forked does not exist in the child, and
+    the child's copy would stay locked for good: its first caller would hang.
+    """
+    _locks.append((namespace, names))
+
+
 def _after_fork_in_child() -> None:
     """Keep only the forking thread's entry (the other threads are gone), then restart threadctx's own."""
+    for namespace, names in _locks:  # first: a restart may need one
+        for name in names:
+            namespace[name] = threading.Lock()
     state = local.state
     state.ident = threading.get_ident()
     state.native_id = threading.get_native_id()

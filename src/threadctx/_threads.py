@@ -14,6 +14,7 @@ from opentelemetry import context as otel_context
 
 from threadctx._carry import in_context, kind_of, run_in
 from threadctx._compat import OTEL_THREAD_CONTEXT, is_wrapt_proxy, serves_many
+from threadctx._storage import new_locks_in_child
 
 __all__ = [
     "ContextThread",
@@ -180,6 +181,7 @@ class ContextThreadPoolExecutor(ThreadPoolExecutor):
 # calls its original.
 _enabled = False
 _lock = threading.Lock()
+new_locks_in_child(globals(), "_lock")
 _MISSING: Any = object()  # the class had no attribute of its own: it inherited one
 _originals: dict[tuple[type, str], Any] = {}
 

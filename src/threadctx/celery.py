@@ -43,6 +43,7 @@ from opentelemetry.propagators.textmap import Getter
 from threadctx._compat import celery_tracer_modules
 from threadctx._correlation import correlation, merged
 from threadctx._propagation import decode_ids, encode_ids, extract, propagation_allowlist, valid_ids
+from threadctx._storage import new_locks_in_child
 
 __all__ = ["HEADER", "instrument", "is_instrumented", "uninstrument"]
 
@@ -55,6 +56,7 @@ writes ``baggage`` too, and would replace them.
 
 _apps: weakref.WeakSet[Celery] = weakref.WeakSet()
 _lock = threading.Lock()
+new_locks_in_child(globals(), "_lock")
 _original_call: Callable[..., Any] | None = None
 _original_build_tracer: Callable[..., Any] | None = None
 _running = threading.local()

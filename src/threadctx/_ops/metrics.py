@@ -11,11 +11,13 @@ from opentelemetry import metrics
 
 from threadctx._ops.watchdog import Ages
 from threadctx._snapshot import snapshot, warn_if_foreign_runtime
+from threadctx._storage import new_locks_in_child
 from threadctx._version import __version__
 
 __all__ = ["instrument_metrics", "uninstrument_metrics"]
 
 _lock = threading.Lock()  # instrument_metrics() and uninstrument_metrics() only: never on a request path
+new_locks_in_child(globals(), "_lock")
 
 
 class _Observer:
