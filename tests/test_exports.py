@@ -137,3 +137,18 @@ def test_the_reference_documents_only_public_names() -> None:
     public = {f"{module}.{name}" for module, names in modules.items() for name in names} | set(modules)
     # Members of a documented class (Watchdog.stop) are documented by its directive's options.
     assert sorted(documented - public) == []
+
+
+@pytest.mark.parametrize("module", sorted(public_modules()))
+def test_every_public_class_and_function_says_since_when(module: str) -> None:
+    """Each documents the version that added it (``.. versionadded::``), as the changelog promises."""
+    try:
+        loaded = importlib.import_module(module)
+    except ImportError as error:  # an adapter whose framework is not installed (the oldest-API job)
+        pytest.skip(f"{module} needs {error.name}, not installed here")
+    missing = [
+        name
+        for name in public_modules()[module]
+        if callable(obj := getattr(loaded, name)) and "versionadded::" not in (obj.__doc__ or "")
+    ]
+    assert missing == []

@@ -95,6 +95,8 @@ def correlation(context: Context | None = None) -> Mapping[str, str]:
     """Return the correlation IDs of ``context`` (default: the current one).
 
     The mapping is read-only; it is a snapshot that later binds do not change.
+
+    .. versionadded:: 0.1.0
     """
     ids = _otel_context.get_value(CORRELATION_KEY, context)
     return cast("Mapping[str, str]", ids) if ids is not None else _EMPTY
@@ -144,6 +146,8 @@ def bind(**ids: str) -> Token[Context]:
 
     Raises:
         TypeError, ValueError: an ID is invalid; the message says which and why.
+
+    .. versionadded:: 0.1.0
     """
     return _otel_context.attach(merged(ids))
 
@@ -152,6 +156,8 @@ def unbind(*names: str) -> Token[Context]:
     """Remove the named correlation IDs from the current context.
 
     Names that are not bound are ignored.
+
+    .. versionadded:: 0.1.0
     """
     current = correlation()
     remaining = {name: value for name, value in current.items() if name not in names}
@@ -162,6 +168,8 @@ def clear_correlation() -> Token[Context]:
     """Remove every correlation ID from the current context.
 
     The current span, baggage and other context values are kept.
+
+    .. versionadded:: 0.1.0
     """
     return _otel_context.attach(with_ids(_EMPTY))
 
@@ -229,6 +237,8 @@ def bound(**ids: str) -> _Bound:
 
     Raises:
         TypeError, ValueError: an ID is invalid (the rules of :func:`bind`).
+
+    .. versionadded:: 0.1.0
     """
     for name, value in ids.items():
         validate(name, value)

@@ -413,6 +413,8 @@ def instrument_logging(preset: str = "otel", **options: Any) -> ContextFilter:
     Raises:
         ValueError: the options differ from those of the filter already installed;
             call :func:`uninstrument_logging` first.
+
+    .. versionadded:: 0.1.0
     """
     wanted = ContextFilter(preset, **options)
     if _instrumented:
@@ -433,7 +435,10 @@ def instrument_logging(preset: str = "otel", **options: Any) -> ContextFilter:
 
 
 def uninstrument_logging() -> None:
-    """Remove every filter that :func:`instrument_logging` attached, and nothing else."""
+    """Remove every filter that :func:`instrument_logging` attached, and nothing else.
+
+    .. versionadded:: 0.1.0
+    """
     while _installed:
         handler, installed = _installed.pop()
         handler.removeFilter(installed)

@@ -40,6 +40,8 @@ def structlog_processor(
         structlog.configure(processors=[threadctx.structlog_processor, structlog.processors.JSONRenderer()])
 
     For another preset, wrap a filter: ``ContextFilter("ecs").fields()`` returns the same fields.
+
+    .. versionadded:: 0.1.0
     """
     _add_missing(event_dict)
     return event_dict
@@ -52,5 +54,7 @@ def loguru_patcher(record: MutableMapping[str, Any]) -> None:
 
         logger = logger.patch(threadctx.loguru_patcher)
         logger.add(sys.stderr, format="{extra[trace_id]} {extra[request_id]} {message}")
+
+    .. versionadded:: 0.1.0
     """
     _add_missing(record["extra"])

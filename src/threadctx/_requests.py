@@ -90,6 +90,8 @@ def new_request_id() -> str:
     """A new random request id: 32 lowercase hex digits (a random UUID, version 4, as ``uuid4().hex``).
 
     From the operating system's random source (``os.urandom``), as ``uuid4()``.
+
+    .. versionadded:: 0.1.0
     """
     while True:
         try:

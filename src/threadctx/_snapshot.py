@@ -172,6 +172,8 @@ def snapshot() -> list[ThreadSnapshot]:
     compiled reader is in use (for a thread that runs an asyncio loop, the
     running task's, else the loop's own); elsewhere (a free-threaded build,
     or no compiler at install time) from the context they attached last.
+
+    .. versionadded:: 0.1.0
     """
     warn_if_foreign_runtime()
     return [entry for entry, _ in snapshot_with_contexts()]

@@ -132,6 +132,8 @@ def get_thread_storage() -> dict[str, Any]:
 
     Other threads can see which threads hold storage through :func:`snapshot`,
     but never the dict itself.
+
+    .. versionadded:: 0.1.0
     """
     state = local.state
     storage = state.storage
@@ -145,6 +147,8 @@ def delete_thread_storage() -> None:
 
     The next :func:`get_thread_storage` call in this thread starts a new,
     empty dict.  The thread's OpenTelemetry context is not touched.
+
+    .. versionadded:: 0.1.0
     """
     local.state.storage = None
 

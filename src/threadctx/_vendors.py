@@ -54,6 +54,8 @@ class FieldNames:
             ``missing_*`` values, flags ``"00"``, not sampled) or ``"omit"`` (no trace
             fields at all, for backends that would take a placeholder for a real id).
         source: The vendor page this entry follows.
+
+    .. versionadded:: 0.1.0
     """
 
     trace_id: str | None = "trace_id"

@@ -244,5 +244,8 @@ def uninstrument(app: Celery) -> None:
 
 
 def is_instrumented(app: Celery) -> bool:
-    """Whether :func:`instrument` is in force for ``app``."""
+    """Whether :func:`instrument` is in force for ``app``.
+
+    .. versionadded:: 0.1.0
+    """
     return app in _apps

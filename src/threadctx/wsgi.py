@@ -56,7 +56,10 @@ _ENVIRON_KEYS_KEPT = 256
 
 
 class EnvironGetter(Getter["WSGIEnvironment"]):
-    """Reads HTTP headers from a WSGI environ, for :func:`threadctx.extract`."""
+    """Reads HTTP headers from a WSGI environ, for :func:`threadctx.extract`.
+
+    .. versionadded:: 0.1.0
+    """
 
     def get(self, carrier: WSGIEnvironment, key: str) -> list[str] | None:
         """The values of header ``key`` (any case), or ``None``."""
@@ -113,6 +116,8 @@ class ContextMiddleware:
     Raises:
         TypeError: ``app`` is an ASGI application.
         ValueError: ``header`` or ``name`` is invalid.
+
+    .. versionadded:: 0.1.0
     """
 
     def __init__(
