@@ -284,25 +284,22 @@ class RequestPolicy:
         return with_ids({**ids, self.name: request_id}, context, fresh=True), request_id
 
     def _request_id(self, incoming: list[str] | None, ids: Mapping[str, str]) -> str:
-        if not self.trust_incoming:
-            return self._generated()
-        if incoming is not None:
-            # One header, one valid value; anything else is counted and never logged.
-            if len(incoming) == 1 and isinstance(incoming[0], str) and REQUEST_ID.fullmatch(incoming[0]):
-                return incoming[0]
-            count("invalid_request_ids")
-        # A caller that used threadctx.inject sent it as baggage: extract checked it only
-        # as a correlation ID, and it is echoed in a header, so it passes the same rule.
-        from_baggage = ids.get(self.name)
-        if from_baggage is not None:
-            if REQUEST_ID.fullmatch(from_baggage):
-                return from_baggage
-            count("invalid_request_ids")
-        return self._generated()
-
-    def _generated(self) -> str:
-        request_id = self.generate()
-        if self.generate is new_request_id:  # valid by construction
+        if self.trust_incoming:
+            if incoming is not None:
+                # One header, one valid value; anything else is counted and never logged.
+                if len(incoming) == 1 and isinstance(incoming[0], str) and REQUEST_ID.fullmatch(incoming[0]):
+                    return incoming[0]
+                count("invalid_request_ids")
+            # A caller that used threadctx.inject sent it as baggage: extract checked it only
+            # as a correlation ID, and it is echoed in a header, so it passes the same rule.
+            from_baggage = ids.get(self.name)
+            if from_baggage is not None:
+                if REQUEST_ID.fullmatch(from_baggage):
+                    return from_baggage
+                count("invalid_request_ids")
+        generate = self.generate
+        request_id = generate()
+        if generate is new_request_id:  # valid by construction
             return request_id
         if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
             raise ValueError(f"generate() made an invalid request id: {show(str(request_id))}")
