@@ -148,10 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         "its median over the rounds with a 95% bootstrap interval (`benchmarks/verdict.py`): **met** when",
         "the whole interval is at or below zero, **missed** when it is above, **undecided** when it",
         "straddles zero (the run could not tell; on a busy machine that is the honest answer). The ratio",
-        "is shown beside it with its own interval. The machine these ran on is shared (2 CPUs, other",
-        "test suites running): the load average printed above and beside each service table says how",
-        "noisy it was. Instruction counts, which load does not move, are in",
-        "`python -m benchmarks.callgrind` (valgrind).",
+        "is shown beside it with its own interval. The load average printed above and beside each",
+        "service table says how noisy the machine was. Instruction counts, which load does not move,",
+        "are in `python -m benchmarks.callgrind` (valgrind).",
         "",
     ]
     for heading, results in sections:
