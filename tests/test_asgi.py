@@ -401,6 +401,38 @@ def test_uvicorns_access_log_line_carries_the_request_id_and_trace_id(
     ), access
 
 
+WSGI_INSIDE = """
+from asgiref.wsgi import WsgiToAsgi
+
+import threadctx
+from threadctx.asgi import ContextMiddleware
+
+
+def wsgi_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [threadctx.correlation()["request_id"].encode()]
+
+
+app = ContextMiddleware(WsgiToAsgi(wsgi_app))
+"""
+
+
+def test_a_wsgi_app_inside_through_asgirefs_wsgi_to_asgi_under_uvicorn(tmp_path: Path) -> None:
+    """WsgiToAsgi hands the middleware's send to AsyncToSync, which warns unless it is async."""
+    pytest.importorskip("uvicorn", reason="the server tests run the real uvicorn (test group)")
+    pytest.importorskip("asgiref.wsgi", reason="asgiref comes with Django (test group)")
+    (tmp_path / "wsgi_inside.py").write_text(WSGI_INSIDE)
+    port = free_port()
+    command = python(
+        *("-W", "error::UserWarning", "-m", "uvicorn", "wsgi_inside:app", "--app-dir", str(tmp_path)),
+        *("--host", "127.0.0.1", "--port", str(port), "--no-access-log"),
+    )
+    with running(command, port, tmp_path / "uvicorn.log", clean_env()) as server:
+        status, headers, body = get(port, "/", {"X-Request-ID": "r-wsgi"})
+        output = server.stop()
+    assert (status, headers.get("x-request-id"), body) == (200, "r-wsgi", b"r-wsgi"), output
+
+
 @pytest.mark.parametrize("with_traceparent", [True, False])
 def test_inside_opentelemetrys_asgi_middleware(
     tracer_provider: Any, exporter: Any, with_traceparent: bool

@@ -211,8 +211,9 @@ class _AddHeader:
         self.header = header
         self.value = value
 
-    # A plain function that returns send's awaitable: no coroutine of its own for every message.
-    def __call__(self, message: Message) -> Awaitable[None]:
+    # A coroutine function, not a plain one returning send's awaitable: what it wraps may ask
+    # (asgiref's AsyncToSync, used by its WsgiToAsgi and by Channels, warns otherwise).
+    async def __call__(self, message: Message) -> None:
         if message.get("type") in _STARTS:
             headers = message.get("headers") or ()
             if not isinstance(headers, (list, tuple)):
@@ -222,4 +223,4 @@ class _AddHeader:
                     break
             else:
                 message = {**message, "headers": [*headers, (self.header, self.value)]}
-        return self.send(message)
+        await self.send(message)
