@@ -252,8 +252,7 @@ def test_baggage_after_it_replaces_the_header_and_it_warns_once() -> None:
 
 PROGRAM = """
 import sys
-if sys.argv[1] == "threadctx-first":
-    import threadctx
+exec(sys.argv[1])  # what the application imports first
 from opentelemetry import baggage, context, propagate
 import threadctx
 
@@ -269,17 +268,31 @@ print(dict(baggage.get_all(incoming)), dict(threadctx.correlation(incoming)))
 """
 
 
-@pytest.mark.parametrize("order", ["otel-first", "threadctx-first"])
+#: What an application imports first: OpenTelemetry's propagate module imports threadctx's propagator.
+FIRST = {
+    "otel-first": "",
+    "threadctx-first": "import threadctx",
+    "wsgi-first": "from threadctx.wsgi import ContextMiddleware",
+    "asgi-first": "from threadctx.asgi import ContextMiddleware",
+    "propagator-first": "from threadctx import CorrelationPropagator",
+    "inject-first": "from threadctx import inject",
+}
+
+
+@pytest.mark.parametrize("order", list(FIRST))
 @pytest.mark.parametrize("runtime", ["threadctx", ""])
 def test_otel_propagators_loads_it_through_its_entry_point(order: str, runtime: str) -> None:
-    """What users do: OTEL_PROPAGATORS=tracecontext,threadctx, also with OTEL_PYTHON_CONTEXT=threadctx."""
+    """What users do: OTEL_PROPAGATORS=tracecontext,threadctx, also with OTEL_PYTHON_CONTEXT=threadctx.
+
+    Whatever the application imports first: threadctx's middlewares and functions too.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "THREADCTX_"))}
     env["OTEL_PROPAGATORS"] = "tracecontext,threadctx"
     if runtime:
         env["OTEL_PYTHON_CONTEXT"] = runtime
     env[REQUEST_ID_HEADER_ENV] = "X-Request-ID"
     result = subprocess.run(
-        [sys.executable, "-W", "error", "-c", PROGRAM, order],
+        [sys.executable, "-W", "error", "-c", PROGRAM, FIRST[order]],
         env=env,
         capture_output=True,
         text=True,

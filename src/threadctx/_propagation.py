@@ -23,7 +23,6 @@ from urllib.parse import quote, unquote
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
-from opentelemetry import propagate as otel_propagate
 from opentelemetry import trace as otel_trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
@@ -31,6 +30,7 @@ from opentelemetry.propagators.textmap import (
     CarrierT,
     Getter,
     Setter,
+    TextMapPropagator,
     default_getter,
     default_setter,
 )
@@ -247,13 +247,25 @@ def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[st
     return valid_ids(pairs)
 
 
+def global_textmap() -> TextMapPropagator:
+    """OpenTelemetry's global propagator: ``opentelemetry.propagate.get_global_textmap()``.
+
+    ``opentelemetry.propagate`` is imported when called, never with this module: with
+    ``threadctx`` in ``OTEL_PROPAGATORS`` importing it loads :mod:`threadctx._propagator`,
+    which needs this module (and ``_requests``, which imports it) whole.
+    """
+    from opentelemetry import propagate  # at call time: see above
+
+    return propagate.get_global_textmap()
+
+
 _fields_cache: tuple[object, frozenset[str], tuple[str, ...]] = (None, frozenset(), ())
 
 
 def _cached_fields() -> tuple[object, frozenset[str], tuple[str, ...]]:
     """(propagator, its fields, every header extract reads): cached per propagator object."""
     global _fields_cache  # noqa: PLW0603 - a one-entry cache, replaced whole
-    textmap = otel_propagate.get_global_textmap()
+    textmap = global_textmap()
     if _fields_cache[0] is not textmap:
         fields = frozenset(textmap.fields)
         _fields_cache = (textmap, fields, (BAGGAGE, *sorted(fields - {BAGGAGE})))
@@ -281,7 +293,7 @@ def context_header_keys(form: Callable[[str], K]) -> frozenset[K]:
     adapter asks "does this request carry a context?" with one set operation on its
     carrier's keys (``HTTP_TRACEPARENT`` in a WSGI environ, ``b"traceparent"`` in ASGI).
     """
-    textmap = otel_propagate.get_global_textmap()
+    textmap = global_textmap()
     found = _keyed_fields.get(form)
     if found is None or found[0] is not textmap:
         found = _keyed_fields[form] = (textmap, frozenset(form(header) for header in _context_fields()))
@@ -332,11 +344,11 @@ def inject(
     context = context if context is not None else otel_context.get_current()
     if _propagator_sends_baggage():
         # The configured baggage propagator (``baggage`` or threadctx's) writes the header.
-        otel_propagate.inject(carrier, context=outgoing_baggage(context, keep_baggage=True), setter=setter)
+        global_textmap().inject(carrier, context=outgoing_baggage(context, keep_baggage=True), setter=setter)
     else:
         # Baggage is off: the configured propagators send no baggage, and threadctx's
         # own header carries the allowlisted correlation IDs and nothing else.
-        otel_propagate.inject(carrier, context=context, setter=setter)
+        global_textmap().inject(carrier, context=context, setter=setter)
         inject_baggage(carrier, context, setter, keep_baggage=False)
     return carrier
 
@@ -452,13 +464,13 @@ def extract(
     if not _propagator_sends_baggage():
         # Baggage is off: threadctx's own header gives the allowlisted IDs only,
         # and no other member of the incoming baggage is kept.
-        extracted = otel_propagate.extract(carrier, context=base, getter=cutting) if trace else base
+        extracted = global_textmap().extract(carrier, context=base, getter=cutting) if trace else base
         return extract_baggage(carrier, extracted, cutting, keep_baggage=False)
     if not trace:
         return extract_baggage(carrier, base, cutting, keep_baggage=True)
     # The configured baggage propagator read the header (threadctx's has bound the IDs already);
     # allowlisted entries left in the baggage (by ``baggage``, or a middleware outside) become IDs.
-    return ids_from_baggage(otel_propagate.extract(carrier, context=base, getter=cutting))
+    return ids_from_baggage(global_textmap().extract(carrier, context=base, getter=cutting))
 
 
 @contextmanager

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from typing import Final
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate as otel_propagate
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import (
@@ -36,7 +35,13 @@ from opentelemetry.propagators.textmap import (
 
 from threadctx._compat import composite_members
 from threadctx._correlation import correlation
-from threadctx._propagation import BAGGAGE, extract_baggage, inject_baggage, propagation_allowlist
+from threadctx._propagation import (
+    BAGGAGE,
+    extract_baggage,
+    global_textmap,
+    inject_baggage,
+    propagation_allowlist,
+)
 from threadctx._requests import REQUEST_ID, check_header_name
 
 __all__ = ["REQUEST_ID_HEADER_ENV", "CorrelationPropagator"]
@@ -67,7 +72,7 @@ def _warn_if_overwritten(propagator: CorrelationPropagator) -> None:
     header after this one and replaces it with OpenTelemetry's baggage alone, so the correlation
     IDs never leave whenever the context holds baggage.
     """
-    textmap = otel_propagate.get_global_textmap()
+    textmap = global_textmap()
     if _checked[0] is textmap:
         return
     _checked[0] = textmap
