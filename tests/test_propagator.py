@@ -248,6 +248,21 @@ def test_baggage_after_it_replaces_the_header_and_it_warns_once() -> None:
         otel_context.detach(token)
 
 
+@pytest.mark.parametrize("layout", ["another-instance-injects-first", "nested-composite"])
+def test_it_warns_whichever_instance_injects_first_and_in_a_nested_composite(layout: str) -> None:
+    """The check is of the global propagator: a Celery hook's own instance may inject before it runs."""
+    ours = threadctx.CorrelationPropagator(request_id_header=None)
+    if layout == "nested-composite":
+        inner = CompositePropagator([TraceContextTextMapPropagator(), ours])
+        misordered = CompositePropagator([inner, W3CBaggagePropagator()])
+    else:
+        misordered = CompositePropagator([TraceContextTextMapPropagator(), ours, W3CBaggagePropagator()])
+    standalone = layout != "nested-composite"
+    first = threadctx.CorrelationPropagator(request_id_header=None) if standalone else propagate
+    with global_textmap(misordered), pytest.warns(RuntimeWarning, match="OTEL_PROPAGATORS"):
+        first.inject({})
+
+
 # ---- OTEL_PROPAGATORS, resolved by OpenTelemetry itself -----------------------------------------
 
 PROGRAM = """

@@ -65,20 +65,34 @@ def _has_header(carrier: object, header: str) -> bool:
 _checked: list[object] = [None]
 
 
-def _warn_if_overwritten(propagator: CorrelationPropagator) -> None:
-    """Warn once per global propagator when OpenTelemetry's ``baggage`` runs after ``propagator``.
+def _members(propagator: object) -> list[object]:
+    """``propagator``, or what a composite runs, in order (the members of nested composites too)."""
+    members = composite_members(propagator)
+    return [propagator] if members is None else [inner for member in members for inner in _members(member)]
+
+
+def _warn_if_overwritten() -> None:
+    """Warn once per global propagator when OpenTelemetry's ``baggage`` runs after threadctx's.
 
     ``OTEL_PROPAGATORS=tracecontext,threadctx,baggage``: the ``baggage`` propagator writes the
     header after this one and replaces it with OpenTelemetry's baggage alone, so the correlation
-    IDs never leave whenever the context holds baggage.
+    IDs never leave whenever the context holds baggage. The global propagator is checked,
+    whichever instance injects first (a hook may use one of its own).
     """
     textmap = global_textmap()
     if _checked[0] is textmap:
         return
     _checked[0] = textmap
-    members = composite_members(textmap) or []
-    after = members[members.index(propagator) + 1 :] if propagator in members else []
-    if any(isinstance(member, W3CBaggagePropagator) for member in after):
+    writers = [
+        member
+        for member in _members(textmap)
+        if isinstance(member, (CorrelationPropagator, W3CBaggagePropagator))
+    ]
+    if (
+        writers
+        and isinstance(writers[-1], W3CBaggagePropagator)
+        and any(isinstance(member, CorrelationPropagator) for member in writers)
+    ):
         warnings.warn(
             "OpenTelemetry's baggage propagator runs after threadctx's and replaces the baggage header "
             "it wrote: correlation IDs are not sent when the context holds baggage. threadctx's "
@@ -166,7 +180,7 @@ class CorrelationPropagator(TextMapPropagator):
     ) -> None:
         """Write the ``baggage`` header (and the request-id header, if configured) into ``carrier``."""
         context = context if context is not None else otel_context.get_current()
-        _warn_if_overwritten(self)
+        _warn_if_overwritten()
         inject_baggage(carrier, context, setter, keep_baggage=True)
         header = self._request_id_header
         if (
