@@ -247,16 +247,24 @@ def decode_ids(header: object, allowed: frozenset[str] | None = None) -> dict[st
     return valid_ids(pairs)
 
 
-def global_textmap() -> TextMapPropagator:
-    """OpenTelemetry's global propagator: ``opentelemetry.propagate.get_global_textmap()``.
+def _first_global_textmap() -> TextMapPropagator:
+    """:data:`global_textmap` until its first call, which puts OpenTelemetry's own function in its place.
 
-    ``opentelemetry.propagate`` is imported when called, never with this module: with
-    ``threadctx`` in ``OTEL_PROPAGATORS`` importing it loads :mod:`threadctx._propagator`,
-    which needs this module (and ``_requests``, which imports it) whole.
+    ``opentelemetry.propagate`` is imported then, never with this module: with ``threadctx`` in
+    ``OTEL_PROPAGATORS`` importing it loads :mod:`threadctx._propagator`, which needs this
+    module (and ``_requests``, which imports it) whole.
     """
+    global global_textmap  # noqa: PLW0603 - replaced once, by OpenTelemetry's function
     from opentelemetry import propagate  # at call time: see above
 
-    return propagate.get_global_textmap()
+    global_textmap = propagate.get_global_textmap
+    return global_textmap()
+
+
+#: OpenTelemetry's global propagator, ``opentelemetry.propagate.get_global_textmap()``; call it as
+#: ``_propagation.global_textmap()`` (a name imported from here keeps the first function, which works
+#: but imports on every call).
+global_textmap: Callable[[], TextMapPropagator] = _first_global_textmap
 
 
 _fields_cache: tuple[object, frozenset[str], tuple[str, ...]] = (None, frozenset(), ())

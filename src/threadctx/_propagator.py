@@ -33,12 +33,12 @@ from opentelemetry.propagators.textmap import (
     default_setter,
 )
 
+from threadctx import _propagation
 from threadctx._compat import composite_members
 from threadctx._correlation import correlation
 from threadctx._propagation import (
     BAGGAGE,
     extract_baggage,
-    global_textmap,
     inject_baggage,
     propagation_allowlist,
 )
@@ -79,7 +79,7 @@ def _warn_if_overwritten() -> None:
     IDs never leave whenever the context holds baggage. The global propagator is checked,
     whichever instance injects first (a hook may use one of its own).
     """
-    textmap = global_textmap()
+    textmap = _propagation.global_textmap()
     if _checked[0] is textmap:
         return
     _checked[0] = textmap
