@@ -330,9 +330,17 @@ def load(port: int, pid: int, prefix: str, requests: int) -> tuple[float, float]
 Samples = dict[str, dict[str, list[float]]]  # endpoint -> variant -> one value per round
 
 
+#: Rounds served by one set of server processes before all are started anew.
+ROUNDS_PER_SERVER = 6
+
+
 def measure(service: Service, requests: int, rounds: int, budget: float = 200.0) -> tuple[Samples, Samples]:
     """Per endpoint, stack and round: server CPU µs per request, and requests per second.
 
+    The servers are started anew every :data:`ROUNDS_PER_SERVER` rounds: one process can be
+    faster or slower than another running the same code (where its objects landed, its hash
+    seed), by about 10 µs per request here, and across one run that bias would pass for a
+    difference between stacks; across several processes per stack it is part of the spread.
     At most ``rounds`` rounds, and no new round once ``budget`` seconds are spent (a busy
     machine serves fewer requests per second): the report says how many ran.
     """
@@ -342,17 +350,20 @@ def measure(service: Service, requests: int, rounds: int, budget: float = 200.0)
     rps: Samples = {path: {v: [] for v in names} for path in service.paths}
     sent = requests // CLIENTS * CLIENTS
     batches = [(path, v) for path in service.paths for v in names]
-    with servers(service) as found:
-        for path, variant in batches:  # warm-up
-            load(*found[variant], service.paths[path], sent // 4)
-        for round_index in range(rounds):
-            if time.perf_counter() - began > budget:
-                break
-            shift = round_index % len(batches)
-            for path, variant in batches[shift:] + batches[:shift]:
-                seconds, wall = load(*found[variant], service.paths[path], sent)
-                cpu[path][variant].append(seconds / sent * 1e6)
-                rps[path][variant].append(sent / wall)
+    round_index = 0
+    while round_index < rounds and time.perf_counter() - began <= budget:
+        with servers(service) as found:
+            for path, variant in batches:  # warm-up
+                load(*found[variant], service.paths[path], sent // 4)
+            for _ in range(ROUNDS_PER_SERVER):
+                if round_index >= rounds or time.perf_counter() - began > budget:
+                    break
+                shift = round_index % len(batches)
+                for path, variant in batches[shift:] + batches[:shift]:
+                    seconds, wall = load(*found[variant], service.paths[path], sent)
+                    cpu[path][variant].append(seconds / sent * 1e6)
+                    rps[path][variant].append(sent / wall)
+                round_index += 1
     return cpu, rps
 
 
@@ -362,7 +373,8 @@ def report(service: Service, cpu: Samples, rps: Samples, requests: int, seconds:
         f"### {service.title} (server CPU per request)",
         "",
         f"{requests:,} requests from 8 client threads in another process per stack, endpoint and round;",
-        f"{rounds} interleaved rounds ({seconds:.0f} s in all). Each request: four log lines through one",
+        f"{rounds} interleaved rounds ({seconds:.0f} s in all; the servers started anew every "
+        f"{ROUNDS_PER_SERVER} rounds). Each request: four log lines through one",
         "handler, one task on a thread pool that logs once more. Medians over the rounds, with the 95%",
         "bootstrap interval of each. Load average at the end of the run: "
         + (f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs." if hasattr(os, "getloadavg") else "-")
