@@ -48,13 +48,15 @@ def _app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [b"ok"]
 
 
-def _serve(app: Any) -> Callable[[int], None]:
+def _serve(app: Any, environ: dict[str, Any] = ENVIRON) -> Callable[[int], None]:
+    """``loops`` requests through WSGI ``app``, each with a copy of ``environ``, its body read and closed."""
+
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
         pass
 
     def run(loops: int) -> None:
         for _ in range(loops):
-            body = app(dict(ENVIRON), start_response)
+            body = app(dict(environ), start_response)
             for _chunk in body:
                 pass
             close = getattr(body, "close", None)

@@ -77,23 +77,10 @@ WORKLOADS = [
 
 
 def _wsgi(variant: str) -> Callable[[int], None]:
+    from benchmarks.bench_request_path import _serve
     from benchmarks.bench_service import wsgi_app
 
-    app = wsgi_app(variant)
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-        pass
-
-    def run(loops: int) -> None:
-        for _ in range(loops):
-            body = app(dict(ENVIRON), start_response)
-            for _chunk in body:
-                pass
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
-
-    return run
+    return _serve(wsgi_app(variant), ENVIRON)
 
 
 def _asgi(variant: str) -> Callable[[int], None]:
