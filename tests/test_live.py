@@ -1029,21 +1029,28 @@ sys.stdin.read()
 """
 
 
-def test_top_shows_nothing_a_lying_process_sends_as_a_terminal_control(runtime_dir: Path) -> None:
-    """A process that answers with escape sequences in its ids cannot reach the operator's terminal."""
-    runtime_dir.mkdir(mode=0o700)
+@contextlib.contextmanager
+def lying_process() -> Iterator[int]:
+    """The LIAR program, ready to answer; yields its pid, and ends it after."""
     liar = subprocess.Popen(
         [sys.executable, "-c", LIAR], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
+    assert liar.stdin is not None
+    assert liar.stdout is not None
     try:
-        assert liar.stdout is not None
         assert liar.stdout.readline() == "ready\n"
-        result = top(str(liar.pid), "--once")
+        yield liar.pid
     finally:
-        assert liar.stdin is not None
         liar.stdin.close()
         liar.wait(WAIT)
         liar.stdout.close()
+
+
+def test_top_shows_nothing_a_lying_process_sends_as_a_terminal_control(runtime_dir: Path) -> None:
+    """A process that answers with escape sequences in its ids cannot reach the operator's terminal."""
+    runtime_dir.mkdir(mode=0o700)
+    with lying_process() as pid:
+        result = top(str(pid), "--once")
     assert "\x1b" not in result.stdout + result.stderr
     assert "\x07" not in result.stdout + result.stderr
     assert result.returncode == 1
@@ -1053,23 +1060,13 @@ def test_top_shows_nothing_a_lying_process_sends_as_a_terminal_control(runtime_d
 def test_dump_shows_nothing_a_lying_process_sends_as_a_terminal_control(runtime_dir: Path) -> None:
     """``dump PID`` prints the report's lines with every control character escaped, the lines kept."""
     runtime_dir.mkdir(mode=0o700)
-    liar = subprocess.Popen(
-        [sys.executable, "-c", LIAR], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert liar.stdout is not None
-        assert liar.stdout.readline() == "ready\n"
+    with lying_process() as pid:
         result = subprocess.run(
-            [sys.executable, "-m", "threadctx", "dump", str(liar.pid)],
+            [sys.executable, "-m", "threadctx", "dump", str(pid)],
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
-    finally:
-        assert liar.stdin is not None
-        liar.stdin.close()
-        liar.wait(WAIT)
-        liar.stdout.close()
     assert result.returncode == 0, result.stderr
     assert result.stdout == 'Thread "w" ident=1\n  trace_id=\\x1b]0;owned\\x07\\x1b[2J\\x1b[31m\n'
