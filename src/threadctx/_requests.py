@@ -12,6 +12,7 @@ OpenTelemetry instrumentor that a middleware would wrap instead of going inside.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -110,6 +111,7 @@ def _make_batch() -> None:
     )
 
 
+@functools.lru_cache(maxsize=256)  # the few names asked for, again and again
 def environ_key(header: str) -> str:
     """Where a WSGI environ (or Django's ``request.META``) holds a request header: ``HTTP_X_REQUEST_ID``."""
     return "HTTP_" + header.upper().replace("-", "_")

@@ -50,11 +50,6 @@ server's access log (see the gunicorn how-to).
 """
 
 
-#: Header name -> its environ key, for the names the propagators and the middleware ask for.
-_ENVIRON_KEYS: dict[str, str] = {}
-_ENVIRON_KEYS_KEPT = 256
-
-
 class EnvironGetter(Getter["WSGIEnvironment"]):
     """Reads HTTP headers from a WSGI environ, for :func:`threadctx.extract`.
 
@@ -63,12 +58,7 @@ class EnvironGetter(Getter["WSGIEnvironment"]):
 
     def get(self, carrier: WSGIEnvironment, key: str) -> list[str] | None:
         """The values of header ``key`` (any case), or ``None``."""
-        name = _ENVIRON_KEYS.get(key)
-        if name is None:
-            name = environ_key(key)
-            if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_KEPT:  # the few names asked for, again and again
-                _ENVIRON_KEYS[key] = name
-        value = carrier.get(name)
+        value = carrier.get(environ_key(key))
         return None if value is None else [value]
 
     def keys(self, carrier: WSGIEnvironment) -> list[str]:
